@@ -1,0 +1,35 @@
+# bone3d: the two commands. Both create the virtual environment when it is missing.
+#   make demo   phantoms -> simulate -> datalist -> train a 3D U-Net -> whole-stack SR -> BV/TV -> MLflow
+#   make test   ruff lint + format check, then the test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test lint venv clean
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[bone3d] installing the CPU build of torch first, then the pinned requirements"
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -r requirements.txt
+	$(PIP) install -q -c constraints.txt --no-deps -e .
+	$(PIP) check
+	@if $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then echo "CUDA packages were installed: check constraints.txt" >&2; exit 1; fi
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m bone3d.demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf demo mlruns.db bundles/*/models bundles/*/runs .pytest_cache

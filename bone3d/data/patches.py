@@ -1,0 +1,123 @@
+"""TorchIO subjects, transforms and patch queues for paired LR/HR training.
+
+One path for data: a datalist entry becomes a ``tio.Subject`` with ``image`` (LR) and ``target``
+(HR) ``ScalarImage``s that carry spacing and affine; `pair_transform` puts the LR on the model's
+input grid and maps both to [0, 1] with fixed windows; a ``tio.Queue`` samples paired patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader
+
+from bone3d.data.datalist import datalist_items, datalist_meta
+from bone3d.data.simulate import hr_grid_for
+from bone3d.io import read_volume
+
+
+def load_subjects(datalist: str, split: str) -> list[tio.Subject]:
+    """Read every volume of one split of a datalist (validated by `bone3d.io.read_volume`)."""
+    subjects = []
+    for item in datalist_items(datalist, split):
+        images = {"image": read_volume(item["image"])}
+        if item.get("target"):
+            images["target"] = read_volume(item["target"])
+        subjects.append(tio.Subject(**images, specimen=item["specimen"]))
+    return subjects
+
+
+def intensity_transform(lr_range: Sequence[float], hr_range: Sequence[float] | None) -> tio.Compose:
+    """Map the LR window (and the HR window, for ``target``) linearly to [0, 1] (not clipped)."""
+    ts = [tio.RescaleIntensity(out_min_max=(0, 1), in_min_max=tuple(lr_range), include=["image"])]
+    if hr_range is not None:
+        ts.append(
+            tio.RescaleIntensity(out_min_max=(0, 1), in_min_max=tuple(hr_range), include=["target"])
+        )
+    return tio.Compose(ts)
+
+
+def to_hr_grid(hr_spacing_mm: Sequence[float]) -> tio.Transform:
+    """Resample the LR ``image`` (trilinear) onto the HR grid of its own field of view.
+
+    The grid is `bone3d.data.simulate.hr_grid_for` (same corner, whole HR voxels), i.e. exactly
+    the grid of the paired HR crop, so ``image`` and ``target`` line up voxel for voxel.
+    """
+
+    class _ToHRGrid(tio.SpatialTransform):
+        def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+            lr = subject["image"]
+            shape, affine = hr_grid_for(lr, hr_spacing_mm)
+            resampled = tio.Resample(
+                (shape, affine), image_interpolation="linear", include=["image"]
+            )
+            return resampled(subject)
+
+    return _ToHRGrid()
+
+
+def pair_transform(meta: dict, *, pre_upsample: bool = True, with_target: bool = True):
+    """Deterministic preprocessing for training, validation and inference alike."""
+    ts: list = []
+    if pre_upsample:
+        ts.append(to_hr_grid(meta["hr_spacing_mm"]))
+    ts.append(intensity_transform(meta["lr_range"], meta["hr_range"] if with_target else None))
+    return tio.Compose(ts)
+
+
+def augmentation() -> tio.Compose:
+    """Paired flips (identical for LR and HR: TorchIO applies one draw to the whole subject)."""
+    return tio.Compose([tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5)])
+
+
+def patch_loader(
+    datalist: str,
+    *,
+    patch_size: Sequence[int],
+    samples_per_volume: int = 8,
+    queue_length: int = 64,
+    batch_size: int = 2,
+    pre_upsample: bool = True,
+    augment: bool = True,
+    seed: int = 0,
+) -> DataLoader:
+    """DataLoader over a TorchIO ``Queue`` of paired (LR, HR) training patches."""
+    meta = datalist_meta(datalist)
+    transform = pair_transform(meta, pre_upsample=pre_upsample)
+    if augment:
+        transform = tio.Compose([transform, augmentation()])
+    dataset = tio.SubjectsDataset(load_subjects(datalist, "training"), transform=transform)
+    queue = tio.Queue(
+        dataset,
+        max_length=queue_length,
+        samples_per_volume=samples_per_volume,
+        sampler=tio.UniformSampler(tuple(int(p) for p in patch_size)),
+        num_workers=0,
+        shuffle_subjects=True,
+        shuffle_patches=True,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(queue, batch_size=batch_size, num_workers=0, generator=generator)
+
+
+def volume_loader(datalist: str, split: str = "validation", *, pre_upsample: bool = True):
+    """DataLoader of whole preprocessed volumes (batch size 1) for validation."""
+    meta = datalist_meta(datalist)
+    dataset = tio.SubjectsDataset(
+        load_subjects(datalist, split), transform=pair_transform(meta, pre_upsample=pre_upsample)
+    )
+    return DataLoader(dataset, batch_size=1, num_workers=0)
+
+
+def prepare_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):
+    """MONAI ``prepare_batch`` for TorchIO batches: returns ``(LR image, HR target)`` tensors.
+
+    ``batchdata["image"]["data"]`` is ``(B, 1, X, Y, Z)``; the target may be absent (inference).
+    """
+    image = batchdata["image"][tio.DATA].to(device=device, non_blocking=non_blocking)
+    target = batchdata.get("target")
+    if target is not None:
+        target = target[tio.DATA].to(device=device, non_blocking=non_blocking)
+    return image.float(), None if target is None else target.float()
