@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import tifffile
@@ -35,6 +37,9 @@ from bone3d.errors import InputError
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 TIFF_SUFFIXES = (".tif", ".tiff")
+
+# ITK's C++ warnings go straight to stderr; the checks below report what matters instead.
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
 # Paths read as inputs by this process; write_volume refuses to replace any of them.
 _INPUTS: set[Path] = set()
@@ -86,6 +91,16 @@ def read_volume(
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(p, "no such file or folder")
+    with warnings.catch_warnings():
+        # nibabel/ITK warn about odd headers before failing or fixing them silently; the checks
+        # here turn what matters into an InputError, so their warnings are noise for a user.
+        warnings.simplefilter("ignore")
+        image = _read_any(p, spacing, label)
+    protect(p)
+    return image
+
+
+def _read_any(p: Path, spacing, label: bool) -> tio.Image:
     image_cls = tio.LabelMap if label else tio.ScalarImage
     if p.is_dir():
         if _tiff_files(p):
@@ -109,14 +124,56 @@ def read_volume(
     if spacing is not None:
         image = with_spacing(image, spacing, source=p)
     check_image(image, p)
-    protect(p)
     return image
+
+
+def _check_nifti_header(p: Path) -> None:
+    """Check the *raw* NIfTI header (nibabel and ITK silently replace zero pixdim with 1)."""
+    try:
+        with nib.openers.ImageOpener(str(p)) as fh:
+            hdr = nib.Nifti1Header.from_fileobj(fh, check=False)
+    except Exception as err:
+        raise InputError(p, f"cannot read: {_short(err)}") from None
+    if hdr["sform_code"] > 0:
+        srow = np.stack([hdr["srow_x"], hdr["srow_y"], hdr["srow_z"]]).astype(float)
+        sp = np.linalg.norm(srow[:, :3], axis=0)
+    else:
+        sp = np.asarray(hdr["pixdim"][1:4], dtype=float)
+    ndim = int(hdr["dim"][0])
+    if np.any(~np.isfinite(sp[: max(1, min(ndim, 3))])) or np.any(sp[: max(1, min(ndim, 3))] <= 0):
+        raise InputError(p, f"zero, negative or invalid voxel spacing {tuple(sp.tolist())}")
+
+
+def _read_nifti(path) -> tuple[torch.Tensor, np.ndarray]:
+    """TorchIO reader for NIfTI through nibabel, keeping voxel values exactly as stored.
+
+    (TorchIO's default goes through ITK, whose NIfTI reader turns NaN voxels into 0, which would
+    hide corrupt data from the NaN check.)
+    """
+    img = nib.load(str(path))
+    arr = np.asanyarray(img.dataobj)
+    if arr.ndim == 5 and arr.shape[3] == 1:  # (X, Y, Z, T=1, C)
+        arr = arr[:, :, :, 0]
+    if arr.ndim == 3:
+        arr = arr[None]
+    elif arr.ndim == 4:
+        arr = np.moveaxis(arr, -1, 0)
+    else:
+        raise InputError(path, f"expected a 3D volume, got {arr.ndim}D shape {arr.shape}")
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr)), np.asarray(img.affine, dtype=float)
 
 
 def _load(image_cls, p: Path) -> tio.Image:
     try:
-        image = image_cls(p)
+        if suffix_of(p) in (".nii", ".nii.gz"):
+            image = image_cls(p, reader=_read_nifti)
+        else:
+            image = image_cls(p)
         image.load()
+    except InputError:
+        raise
     except Exception as err:  # the readers raise many types for corrupt or truncated files
         raise InputError(p, f"cannot read: {_short(err)}") from None
     return image
@@ -130,18 +187,7 @@ def _short(err: Exception) -> str:
 def _check_header_spacing(p: Path, suffix: str) -> None:
     """Refuse files whose header does not state a voxel size (readers silently assume 1 mm)."""
     if suffix in (".nii", ".nii.gz"):
-        import nibabel as nib
-
-        try:
-            hdr = nib.load(str(p)).header
-            zooms = hdr.get_zooms()
-        except Exception as err:
-            raise InputError(p, f"cannot read: {_short(err)}") from None
-        if len(zooms) < 3 and len(hdr.get_data_shape()) >= 3:
-            raise InputError(p, "header carries no voxel spacing")
-        z = np.asarray(zooms[:3], dtype=float)
-        if np.any(~np.isfinite(z)) or np.any(z <= 0):
-            raise InputError(p, f"zero, negative or invalid voxel spacing {tuple(z.tolist())}")
+        _check_nifti_header(p)
         return
     # NRRD and MetaImage are text headers: look for the spacing fields themselves, because
     # ITK fills in 1.0 when they are absent.

@@ -31,6 +31,7 @@ import numpy as np
 from bone3d.errors import InputError
 
 SPLITS = ("training", "validation", "test")
+PATH_KEYS = ("image", "target", "mask", "truth")
 
 
 def split_by_specimen(
@@ -70,9 +71,9 @@ def write_datalist(path: str | os.PathLike, items: list[dict], split: dict, **me
     for item in items:
         entry = {}
         for k, v in item.items():
-            if isinstance(v, (str, os.PathLike)) and k != "specimen" and Path(v).is_absolute():
+            if k in PATH_KEYS and v is not None:
                 v = os.path.relpath(Path(v).resolve(), root)
-            entry[k] = str(v) if isinstance(v, os.PathLike) else v
+            entry[k] = v
         out[where[item["specimen"]]].append(entry)
     tmp = path.with_name(f".{path.name}.part")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def read_datalist(path: str | os.PathLike) -> dict:
     root = path.parent
     for key in SPLITS:
         for entry in data.get(key, []):
-            for k in ("image", "target", "mask", "truth"):
+            for k in PATH_KEYS:
                 if k in entry and entry[k] is not None:
                     entry[k] = str((root / entry[k]).resolve())
     return data

@@ -79,6 +79,7 @@ def prepare(
     if phantoms:
         rng = np.random.default_rng(seed)
         ids = [f"phantom{i:03d}" for i in range(int(phantoms))]
+        split_by_specimen(ids, n_val, n_test, seed)  # refuse an impossible split before any work
         for i, sid in enumerate(tqdm(ids, desc="phantoms", disable=not progress)):
             spec = PhantomSpec(
                 shape=tuple(phantom_shape),
@@ -97,6 +98,8 @@ def prepare(
         meta["hr_spacing_mm"] = [phantom_spacing_mm] * 3
         meta["name"] = name or f"phantoms{phantoms}-{preset}-s{seed}"
     elif hr_dir is not None:
+        if not Path(hr_dir).is_dir():
+            raise InputError(hr_dir, "not a folder of HR volumes")
         files = sorted(
             f for f in Path(hr_dir).iterdir() if f.is_file() and not f.name.startswith(".")
         )
@@ -105,6 +108,7 @@ def prepare(
         ]
         if not files:
             raise InputError(hr_dir, "no HR volumes found")
+        split_by_specimen([f.name.split(".")[0] for f in files], n_val, n_test, seed)
         windows, spacings = [], []
         for i, f in enumerate(tqdm(files, desc="hr volumes", disable=not progress)):
             sid = f.name.split(".")[0]

@@ -67,13 +67,7 @@ class VolumePredictor:
         if Path(output_image).expanduser().resolve() == Path(input_image).expanduser().resolve():
             raise InputError(output_image, "output path equals the input path")
         lr = read_volume(input_image)
-        out = write_volume(self.predict(lr), output_image)
-        print(
-            f"wrote {out} shape {tuple(self.predict_shape(lr))} spacing {self.meta['hr_spacing_mm']}"
-        )
+        sr = self.predict(lr)
+        out = write_volume(sr, output_image)
+        print(f"wrote {out}: shape {tuple(sr.spatial_shape)}, spacing {tuple(sr.spacing)} mm")
         return out
-
-    def predict_shape(self, lr: tio.ScalarImage) -> tuple[int, ...]:
-        from bone3d.data.simulate import hr_grid_for
-
-        return hr_grid_for(lr, self.meta["hr_spacing_mm"])[0]

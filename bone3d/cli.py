@@ -1,0 +1,327 @@
+"""``bone3d <verb>``: the pipeline steps outside training.
+
+Every verb has ``--help``; bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from bone3d.errors import InputError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def _write_json(path: str | os.PathLike, obj) -> Path:
+    from bone3d.engines import save_json
+
+    return save_json(obj, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# verbs
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_phantom(args) -> int:
+    from bone3d.data.phantom import PhantomSpec, make_phantom
+    from bone3d.io import write_volume
+
+    spec = PhantomSpec(
+        shape=tuple(args.shape),
+        spacing_mm=args.spacing,
+        bv_tv=args.bv_tv,
+        tb_th_mm=args.tb_th,
+        rod_fraction=args.rod_fraction,
+        anisotropy=args.anisotropy,
+        cortex=args.cortex,
+        ct_th_mm=args.ct_th,
+        n_pores=args.pores,
+        seed=args.seed,
+    )
+    ph = make_phantom(spec)
+    write_volume(ph.image, args.output)
+    if args.truth:
+        write_volume(ph.truth, args.truth)
+    print(
+        f"wrote {args.output}: {spec.shape} voxels of {spec.spacing_mm} mm, "
+        f"BV/TV {ph.info['bv_tv_trabecular']:.3f}, pores {ph.pores}"
+    )
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from bone3d.data.simulate import degrade
+    from bone3d.io import read_volume, write_volume
+
+    hr = read_volume(args.input, spacing=args.spacing)
+    d = degrade(
+        hr,
+        args.preset,
+        seed=args.seed,
+        misalign=args.misalign,
+        intensity_map=tuple(args.intensity_map) if args.intensity_map else None,
+    )
+    out = write_volume(d.image, args.output)
+    record = {"input": str(Path(args.input).resolve()), "output": str(out.resolve()), **d.record()}
+    sidecar = (
+        Path(args.record)
+        if args.record
+        else out.with_name(out.name.split(".")[0] + ".degradation.json")
+    )
+    _write_json(sidecar, record)
+    sp = tuple(round(float(s), 6) for s in d.image.spacing)
+    print(f"wrote {out}: shape {tuple(d.image.spatial_shape)}, spacing {sp} mm; record {sidecar}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from bone3d.data.prepare import prepare
+
+    path = prepare(
+        args.output,
+        phantoms=args.phantoms or 0,
+        hr_dir=args.hr_dir,
+        pairs=args.pairs,
+        preset=args.preset,
+        n_val=args.val,
+        n_test=args.test,
+        seed=args.seed,
+        phantom_shape=tuple(args.shape),
+        hr_spacing=args.hr_spacing,
+        misalign=args.misalign,
+    )
+    data = json.loads(path.read_text())
+    counts = ", ".join(f"{k} {len(data[k])}" for k in ("training", "validation", "test"))
+    print(f"wrote {path} ({counts} specimens; split {data['split_hash']})")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from monai.bundle import run as bundle_run
+
+    from bone3d.io import read_volume
+
+    bundle = Path(args.bundle)
+    configs = [bundle / "configs" / "inference.json", bundle / "configs" / f"{args.variant}.json"]
+    for c in configs:
+        if not c.is_file():
+            raise InputError(c, "missing bundle config")
+    read_volume(args.input)  # fail fast, with a clear message, before building the network
+    overrides = {
+        "bundle_root": str(bundle),
+        "input_image": str(args.input),
+        "output_image": str(args.output),
+    }
+    if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            raise InputError(args.checkpoint, "checkpoint not found")
+        overrides["checkpoint"] = str(args.checkpoint)
+    elif not (bundle / "models" / "model.pt").is_file():
+        raise InputError(
+            bundle / "models" / "model.pt", "no trained weights: train the bundle first"
+        )
+    bundle_run(config_file=[str(c) for c in configs], **overrides)
+    return 0
+
+
+def cmd_morpho(args) -> int:
+    import numpy as np
+
+    from bone3d.io import read_volume
+    from bone3d.morphometry import bone_volume_fraction, segment
+
+    try:
+        method: str | float = float(args.threshold)
+    except ValueError:
+        method = args.threshold
+    mask = None
+    if args.mask:
+        mask_img = read_volume(args.mask, label=True)
+        mask = mask_img.data[0].numpy()
+        if set(np.unique(mask).tolist()) - {0, 1}:
+            raise InputError(args.mask, "mask is not binary (values other than 0 and 1)")
+        mask = mask.astype(bool)
+        if not mask.any():
+            raise InputError(args.mask, "empty mask")
+    rows = []
+    for path in args.inputs:
+        img = read_volume(path)
+        arr = img.data[0].numpy()
+        if mask is not None and mask.shape != arr.shape:
+            raise InputError(args.mask, f"shape {mask.shape} differs from {path} {arr.shape}")
+        bone, t = segment(arr, method, mask=mask)
+        res = bone_volume_fraction(bone, voi=mask, spacing=img.spacing)
+        rows.append(
+            {
+                "file": str(path),
+                **res,
+                "spacing_mm": [float(s) for s in img.spacing],
+                "threshold": {"method": args.threshold, "value": t},
+                "voi": "mask" if mask is not None else "whole image",
+            }
+        )
+    print(f"{'file':40s} {'BV/TV':>8s} {'BV mm3':>10s} {'TV mm3':>10s} {'threshold':>10s}")
+    for r in rows:
+        name = Path(r["file"]).name[-40:]
+        print(
+            f"{name:40s} {r['bv_tv']:8.4f} {r['bv_mm3']:10.4f} {r['tv_mm3']:10.4f} "
+            f"{r['threshold']['value']:10.2f}"
+        )
+    if args.json:
+        _write_json(args.json, rows[0] if len(rows) == 1 else rows)
+    if args.csv:
+        tmp = Path(args.csv).with_name(f".{Path(args.csv).name}.part")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(
+                ["file", "bv_tv", "bv_mm3", "tv_mm3", "threshold_method", "threshold", "voi"]
+            )
+            for r in rows:
+                w.writerow(
+                    [r["file"], r["bv_tv"], r["bv_mm3"], r["tv_mm3"], args.threshold,
+                     r["threshold"]["value"], r["voi"]]
+                )  # fmt: skip
+        os.replace(tmp, args.csv)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bone3d.data.simulate import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="bone3d",
+        description="Low-resolution bone CT to micro-CT-like volumes, judged by morphometry.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("phantom", help="generate a synthetic trabecular bone volume (mg HA/cm^3)")
+    p.add_argument("-o", "--output", required=True, help="output volume (.nii.gz/.mha)")
+    p.add_argument("--truth", help="also write the binary bone truth here")
+    p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, default=0.05, help="voxel size in mm (default 0.05)")
+    p.add_argument("--bv-tv", type=float, default=0.15, help="bone volume fraction (0.02-0.5)")
+    p.add_argument("--tb-th", type=float, default=0.15, help="trabecular thickness in mm")
+    p.add_argument("--rod-fraction", type=float, default=0.5, help="0 = plates, 1 = rods")
+    p.add_argument("--anisotropy", type=float, default=1.3, help=">= 1, elongation along z")
+    p.add_argument("--cortex", action="store_true", help="add a cortical shell")
+    p.add_argument("--ct-th", type=float, default=0.4, help="cortical thickness in mm")
+    p.add_argument("--pores", type=_positive_int, default=0, help="closed cortical pores")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("simulate", help="degrade an HR volume into a realistic LR CT scan")
+    p.add_argument("input", help="HR volume")
+    p.add_argument("-o", "--output", required=True, help="LR volume to write (HU)")
+    p.add_argument("--preset", default="mdct", choices=sorted(PRESETS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--misalign", action="store_true", help="random rigid misalignment (<=10 deg, <=2 mm)"
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="HR spacing in mm, overriding the file's",
+    )
+    p.add_argument(
+        "--intensity-map",
+        type=float,
+        nargs=2,
+        metavar=("MARROW", "BONE"),
+        help="input values of marrow and bone, mapped to 0 and 1400 HU",
+    )
+    p.add_argument("--record", help="where to write the degradation record (JSON)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("prepare", help="make LR/HR pairs and a datalist.json split by specimen")
+    p.add_argument("-o", "--output", required=True, help="dataset folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--phantoms", type=_positive_int, help="number of phantom specimens")
+    src.add_argument("--hr-dir", help="folder of HR volumes, one specimen each")
+    src.add_argument("--pairs", help="CSV with columns specimen,lr,hr of aligned pairs")
+    p.add_argument("--preset", default="hrpqct", choices=sorted(PRESETS))
+    p.add_argument("--val", type=_positive_int, default=1, help="validation specimens")
+    p.add_argument("--test", type=_positive_int, default=1, help="test specimens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[96, 96, 96],
+        metavar=("X", "Y", "Z"),
+        help="phantom size in voxels",
+    )
+    p.add_argument(
+        "--hr-spacing",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="HR spacing for files without one",
+    )
+    p.add_argument("--misalign", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("infer", help="whole-stack super-resolution with a trained bundle")
+    p.add_argument("bundle", help="bundle folder (with configs/ and models/)")
+    p.add_argument("input", help="LR volume")
+    p.add_argument("-o", "--output", required=True, help="micro-CT-like volume to write")
+    p.add_argument("--variant", default="3d", help="variant config (3d, 2d, 2p5d)")
+    p.add_argument("--checkpoint", help="weights (default: BUNDLE/models/model.pt)")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("morpho", help="bone morphometry (BV/TV) with a global threshold")
+    p.add_argument("inputs", nargs="+", help="grey-level volumes")
+    p.add_argument("--threshold", default="isodata", help="isodata, otsu or a number")
+    p.add_argument("--mask", help="binary VOI mask (same grid)")
+    p.add_argument("--json", help="write results as JSON")
+    p.add_argument("--csv", help="write results as CSV")
+    p.set_defaults(func=cmd_morpho)
+    return parser
+
+
+def _input_error_in(err: BaseException) -> InputError | None:
+    """The InputError behind ``err`` (MONAI wraps errors raised inside bundle expressions)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("bone3d: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - turn user-input problems into one line
+        found = _input_error_in(err)
+        if found is None:
+            raise
+        print(f"bone3d {args.verb}: error: {found}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests marked ``realdata`` read ../shared/data (real bone volumes kept outside
+this repository); where that folder is absent they are reported as not run, with that reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if SHARED_DATA.is_dir():
+        return
+    reason = f"realdata: {SHARED_DATA} is not present on this machine"
+    for item in items:
+        if "realdata" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return SHARED_DATA
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,95 @@
+"""The unet_sr bundle end to end through ``python -m monai.bundle run`` and ``bone3d infer``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from bone3d.data.datalist import datalist_items, experiment_name
+from bone3d.data.prepare import prepare
+from bone3d.io import read_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "unet_sr"
+SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+
+
+def _run(args, cwd):
+    res = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+def test_train_then_infer_whole_volume(tmp_path):
+    datalist = prepare(
+        tmp_path / "data", phantoms=3, preset="hrpqct", phantom_shape=(48, 48, 48), progress=False
+    )
+    models = tmp_path / "models"
+    db = tmp_path / "mlruns.db"
+    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json']"
+    _run(
+        [
+            "-m", "monai.bundle", "run", "--config_file", configs, "--tracking", "mlflow",
+            "--bundle_root", str(BUNDLE), "--datalist", str(datalist), "--ckpt_dir", str(models),
+            "--output_dir", str(tmp_path / "runs"), "--tracking_uri", f"sqlite:///{db}",
+            "--net_preset", "tiny", "--patch_size", "[32,32,32]", "--max_epochs", "2",
+            "--val_interval", "1", "--samples_per_volume", "2", "--queue_length", "4",
+        ],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert (models / "model.pt").is_file() and (models / "data_meta.json").is_file()
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment_name(datalist))
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    params = run.data.params
+    assert params["model"] == "unet" and params["spatial_dims"] == "3"
+    assert params["degradation_preset"] == "hrpqct" and params["patch_size"] == "[32, 32, 32]"
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(losses) >= 2 and all(np.isfinite(m.value) for m in losses)
+    for key in ("val_psnr", "val_ssim", "val_bvtv_abs_error"):
+        hist = client.get_metric_history(run.info.run_id, key)
+        assert len(hist) == 2, key
+
+    # whole-volume inference through the CLI: HR shape, spacing and affine
+    test = datalist_items(datalist, "test")[0]
+    out = tmp_path / "sr.nii.gz"
+    _run(
+        ["-m", "bone3d.cli", "infer", str(BUNDLE), test["image"], "-o", str(out),
+         "--checkpoint", str(models / "model.pt")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    sr, hr = read_volume(out), read_volume(test["target"])
+    assert sr.spatial_shape == hr.spatial_shape
+    np.testing.assert_allclose(sr.spacing, hr.spacing, rtol=1e-6)
+    np.testing.assert_allclose(sr.affine, hr.affine, atol=1e-6)
+    assert np.isfinite(sr.data.numpy()).all()
+
+
+def test_metadata_verifies_offline(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+         str(BUNDLE / "configs" / "metadata.json"), "--filepath", str(SCHEMA)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0 and "metadata is verified with no error" in res.stdout + res.stderr
+
+
+def test_infer_cli_refuses_bad_input(tmp_path):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a volume")
+    res = subprocess.run(
+        [sys.executable, "-m", "bone3d.cli", "infer", str(BUNDLE), str(bad), "-o", str(tmp_path / "o.nii.gz")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "bad.nii.gz" in res.stderr
+    assert not (tmp_path / "o.nii.gz").exists()
