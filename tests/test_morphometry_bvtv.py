@@ -36,8 +36,10 @@ def test_global_thresholds_separate_two_noisy_phases(rng, method):
     bone, t = segment(grey, method)
     assert 300 < t < 700
     assert abs(bone.mean() - truth.mean()) < 0.005
-    ref = {"isodata": filters.threshold_isodata, "otsu": filters.threshold_otsu}[method](grey)
-    assert t == pytest.approx(ref)
+    if method == "otsu":
+        assert t == pytest.approx(filters.threshold_otsu(grey))
+    else:  # ImageJ's IsoData on a 256-bin histogram: within one bin of the continuous level
+        assert abs(t - filters.threshold_isodata(grey)) <= np.ptp(grey) / 256 * 1.5
 
 
 def test_threshold_refuses_constant_images_and_empty_masks():
