@@ -135,65 +135,147 @@ def cmd_infer(args) -> int:
     return 0
 
 
-def cmd_morpho(args) -> int:
+UNITS = {
+    "bv_tv": "", "bv_mm3": "mm^3", "tv_mm3": "mm^3", "tb_th_mm": "mm", "tb_th_sd_mm": "mm",
+    "tb_th_max_mm": "mm", "tb_sp_mm": "mm", "tb_sp_sd_mm": "mm", "tb_sp_max_mm": "mm",
+    "tb_n_per_mm": "mm^-1", "euler": "", "delta_chi": "", "connectivity": "",
+    "conn_d_per_mm3": "mm^-3", "particles": "", "cavities": "", "da": "", "da_ratio": "",
+    "smi": "", "ct_th_mm": "mm", "ct_po": "", "ct_po_closed": "", "ct_po_open": "",
+    "pore_count": "", "ba_ta": "",
+}  # fmt: skip
+
+
+def _segment_image(img, args, mask):
+    """Binary bone of ``img``: as given when the image is already binary, else thresholded."""
     import numpy as np
 
-    from bone3d.io import read_volume
-    from bone3d.morphometry import bone_volume_fraction, segment
+    from bone3d.morphometry.thresholds import density_threshold, prefilter, purify, segment
 
-    try:
-        method: str | float = float(args.threshold)
-    except ValueError:
-        method = args.threshold
-    mask = None
-    if args.mask:
-        mask_img = read_volume(args.mask, label=True)
-        mask = mask_img.data[0].numpy()
-        if set(np.unique(mask).tolist()) - {0, 1}:
-            raise InputError(args.mask, "mask is not binary (values other than 0 and 1)")
-        mask = mask.astype(bool)
-        if not mask.any():
-            raise InputError(args.mask, "empty mask")
+    arr = img.data[0].numpy()
+    values = np.unique(arr[: min(arr.shape[0], 64)])
+    if args.threshold == "isodata" and values.size <= 2 and np.unique(arr).size <= 2:
+        bone, info = arr > arr.min(), {"method": "binary input (non-zero is bone)", "value": None}
+    else:
+        grey = prefilter(arr, gaussian_sigma=args.gauss, tv_weight=args.tv)
+        method: str | float
+        if args.threshold.startswith("density:"):
+            if not args.calibration:
+                raise InputError("threshold", "density:MGHA needs --calibration SLOPE INTERCEPT")
+            method = density_threshold(float(args.threshold.split(":", 1)[1]), *args.calibration)
+        else:
+            try:
+                method = float(args.threshold)
+            except ValueError:
+                method = args.threshold
+        bone, t = segment(grey, method, mask=mask)
+        info = {
+            "method": args.threshold,
+            "value": t,
+            "gaussian_sigma_vox": args.gauss,
+            "tv_weight": args.tv,
+        }
+    if args.purify:
+        bone = purify(bone)
+        info["purified"] = True
+    return bone, info
+
+
+def cmd_morpho(args) -> int:
+    from tqdm import tqdm
+
+    from bone3d.io import read_volume
+    from bone3d.morphometry import FIELDS, morphometry
+    from bone3d.morphometry.vois import cylinder, from_mask
+
+    metrics = tuple(args.metrics) if args.metrics else None
     rows = []
-    for path in args.inputs:
-        img = read_volume(path)
-        arr = img.data[0].numpy()
-        if mask is not None and mask.shape != arr.shape:
-            raise InputError(args.mask, f"shape {mask.shape} differs from {path} {arr.shape}")
-        bone, t = segment(arr, method, mask=mask)
-        res = bone_volume_fraction(bone, voi=mask, spacing=img.spacing)
-        rows.append(
-            {
-                "file": str(path),
-                **res,
-                "spacing_mm": [float(s) for s in img.spacing],
-                "threshold": {"method": args.threshold, "value": t},
-                "voi": "mask" if mask is not None else "whole image",
-            }
+    bar = tqdm(
+        args.inputs,
+        desc="morphometry",
+        unit="volume",
+        disable=len(args.inputs) < 2 and not args.progress,
+    )
+    for path in bar:
+        img = read_volume(path, spacing=args.spacing)
+        shape = img.spatial_shape
+        voi, voi_desc = None, "whole image"
+        if args.mask:
+            voi = from_mask(
+                read_volume(args.mask, label=True, spacing=args.spacing).data[0].numpy(), shape
+            )
+            voi_desc = f"mask {args.mask}"
+        elif args.cylinder:
+            d, h = args.cylinder
+            voi = cylinder(shape, img.spacing, d, h, centre_mm=args.centre, axis=args.axis)
+            voi_desc = f"cylinder {d} x {h} mm, axis {args.axis}, centre {args.centre or 'image centre'} (voxel-centre rule)"
+        bone, thr = _segment_image(img, args, voi)
+        cortex = None
+        if args.cortex:
+            cortex = read_volume(args.cortex, label=True, spacing=args.spacing).data[0].numpy() > 0
+        chosen = metrics or (
+            ("bv_tv", "tb_th", "tb_sp", "tb_n", "connectivity", "da", "smi", "ba_ta")
+            + (("cortical",) if (args.cortex or args.cortical) else ())
         )
-    print(f"{'file':40s} {'BV/TV':>8s} {'BV mm3':>10s} {'TV mm3':>10s} {'threshold':>10s}")
-    for r in rows:
-        name = Path(r["file"]).name[-40:]
-        print(
-            f"{name:40s} {r['bv_tv']:8.4f} {r['bv_mm3']:10.4f} {r['tv_mm3']:10.4f} "
-            f"{r['threshold']['value']:10.2f}"
-        )
+        res = morphometry(
+            bone, img.spacing, voi=voi, metrics=chosen, tb_n_method=args.tb_n, cortex=cortex,
+            progress=lambda step, p=path: bar.set_postfix_str(f"{p}: {step}") if not bar.disable else None,
+        )  # fmt: skip
+        rows.append({"file": str(path), **res, "threshold": thr, "voi": voi_desc})
+    _print_table(rows, FIELDS)
     if args.json:
         _write_json(args.json, rows[0] if len(rows) == 1 else rows)
     if args.csv:
         tmp = Path(args.csv).with_name(f".{Path(args.csv).name}.part")
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(
-                ["file", "bv_tv", "bv_mm3", "tv_mm3", "threshold_method", "threshold", "voi"]
-            )
+            w.writerow(["file", *FIELDS, "spacing_mm", "threshold_method", "threshold", "voi"])
             for r in rows:
+                vals = [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in FIELDS]
                 w.writerow(
-                    [r["file"], r["bv_tv"], r["bv_mm3"], r["tv_mm3"], args.threshold,
-                     r["threshold"]["value"], r["voi"]]
-                )  # fmt: skip
+                    [
+                        r["file"],
+                        *vals,
+                        json.dumps(r["spacing_mm"]),
+                        r["threshold"]["method"],
+                        r["threshold"]["value"],
+                        r["voi"],
+                    ]
+                )
         os.replace(tmp, args.csv)
     return 0
+
+
+def _print_table(rows, fields) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bone3d morphometry")
+    table.add_column("metric")
+    table.add_column("unit")
+    for r in rows:
+        table.add_column(Path(r["file"]).name, justify="right")
+    for key in fields:
+        if all(r.get(key) is None for r in rows):
+            continue
+        cells = []
+        for r in rows:
+            v = r.get(key)
+            cells.append(
+                "-"
+                if v is None
+                else (
+                    f"{v:.4g}"
+                    if isinstance(v, float)
+                    else str(v)
+                    if not isinstance(v, list)
+                    else ", ".join(f"{x:.3g}" for x in v)
+                )
+            )
+        table.add_row(key, UNITS.get(key, ""), *cells)
+    Console().print(table)
+    for r in rows:
+        for note in r.get("notes", []):
+            print(f"note ({Path(r['file']).name}): {note}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,12 +368,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights (default: BUNDLE/models/model.pt)")
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("morpho", help="bone morphometry (BV/TV) with a global threshold")
-    p.add_argument("inputs", nargs="+", help="grey-level volumes")
-    p.add_argument("--threshold", default="isodata", help="isodata, otsu or a number")
-    p.add_argument("--mask", help="binary VOI mask (same grid)")
+    p = sub.add_parser("morpho", help="bone morphometry (BoneJ conventions, mm units)")
+    p.add_argument("inputs", nargs="+", help="grey-level or binary volumes")
+    p.add_argument(
+        "--threshold",
+        default="isodata",
+        help="isodata (ImageJ), otsu, a number, or density:MGHA (binary inputs are used as they are)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=float,
+        nargs=2,
+        metavar=("SLOPE", "INTERCEPT"),
+        help="density = SLOPE * value + INTERCEPT (mg HA/cm^3)",
+    )
+    p.add_argument(
+        "--gauss", type=float, default=0.0, help="Gaussian pre-filter sigma in voxels (e.g. 1.2)"
+    )
+    p.add_argument("--tv", type=float, default=0.0, help="total-variation denoising weight")
+    p.add_argument(
+        "--purify", action="store_true", help="keep the largest particle, fill enclosed cavities"
+    )
+    voi = p.add_mutually_exclusive_group()
+    voi.add_argument("--mask", help="binary VOI mask on the same grid")
+    voi.add_argument(
+        "--cylinder", type=float, nargs=2, metavar=("DIAMETER_MM", "HEIGHT_MM"), help="cylinder VOI"
+    )
+    p.add_argument(
+        "--centre",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="cylinder centre in mm (array frame)",
+    )
+    p.add_argument("--axis", default="z", choices=["x", "y", "z"], help="cylinder axis")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=[
+            "bv_tv",
+            "tb_th",
+            "tb_sp",
+            "tb_n",
+            "connectivity",
+            "da",
+            "smi",
+            "ba_ta",
+            "cortical",
+        ],
+        help="subset to compute (default: all trabecular)",
+    )
+    p.add_argument(
+        "--tb-n",
+        default="plate",
+        choices=["plate", "direct"],
+        help="Tb.N definition: plate (CTAn) or direct (Scanco)",
+    )
+    p.add_argument("--cortex", help="cortical compartment mask (adds Ct.Th, Ct.Po)")
+    p.add_argument(
+        "--cortical", action="store_true", help="automatic cortex separation (adds Ct.Th, Ct.Po)"
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="voxel size in mm for files without one",
+    )
+    p.add_argument(
+        "--progress", action="store_true", help="show a progress bar for a single volume too"
+    )
     p.add_argument("--json", help="write results as JSON")
-    p.add_argument("--csv", help="write results as CSV")
+    p.add_argument("--csv", help="write results as CSV (one row per volume)")
     p.set_defaults(func=cmd_morpho)
     return parser
 

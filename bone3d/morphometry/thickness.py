@@ -121,7 +121,7 @@ def _ridge_points(r2, offs, offclass, template):  # pragma: no cover - compiled
                     keep[x, y, z] = True
                     count += 1
     pts = np.empty((count, 3), dtype=np.int32)
-    vals = np.empty(count, dtype=np.int64)
+    vals = np.empty(count, dtype=np.int32)
     i = 0
     for x in range(nx):
         for y in range(ny):
@@ -165,7 +165,7 @@ def _bucket(pts, vals, shape, tile):  # pragma: no cover - compiled
                 counts[a * ty + b + 1] += 1
     starts = np.cumsum(counts)
     fill = starts[:-1].copy()
-    idx = np.empty(starts[-1], dtype=np.int64)
+    idx = np.empty(starts[-1], dtype=np.int32)
     for i in range(n):
         r = _isqrt(vals[i])
         for a in range(max(0, (pts[i, 0] - r) // tile), min(tx - 1, (pts[i, 0] + r) // tile) + 1):
@@ -304,18 +304,26 @@ def local_thickness_map(foreground: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.n
         return np.zeros(fg.shape, np.float32)
     if fg.all():
         raise InputError("foreground", "no background anywhere: local thickness is undefined")
-    _, pts, vals = _ridge(fg)
+    r2, pts, vals = _ridge(fg)
+    del r2
     order = np.argsort(-vals, kind="stable")
     pts, vals = np.ascontiguousarray(pts[order]), np.ascontiguousarray(vals[order])
     painted = _paint(fg.shape, pts, vals, _TILE)
-    thick = (2.0 * np.sqrt(painted)).astype(np.float32)
+    del pts, vals
+    thick = np.sqrt(painted, dtype=np.float32)
+    del painted
+    thick *= np.float32(2.0)
     thick = _clean_up(thick)
     thick[~fg] = 0
-    return thick * np.float32(vox)
+    thick *= np.float32(vox)
+    return thick
 
 
 def _ridge(fg: np.ndarray):
-    r2 = np.rint(edt.edtsq(fg, black_border=False, parallel=_THREADS)).astype(np.int64)
+    d2 = edt.edtsq(fg, black_border=False, parallel=_THREADS)  # float32, exact integers
+    np.rint(d2, out=d2)
+    r2 = d2.astype(np.int32)
+    del d2
     r2[~fg] = 0
     present = np.unique(r2[fg])
     template = _containment_template(present, int(present.max()))
