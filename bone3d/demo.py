@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 
 BUNDLE = Path("bundles/unet_sr")
+# morphometry shown by the demo (BoneJ conventions, `bone3d.morphometry`)
+MORPHO = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")
+LABELS = {"bv_tv": "BV/TV", "tb_th_mm": "Tb.Th mm", "tb_sp_mm": "Tb.Sp mm", "conn_d_per_mm3": "Conn.D /mm3", "da": "DA"}
 
 
 def _banner(step: int, text: str) -> None:
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from bone3d.data.prepare import prepare
     from bone3d.engines import save_json
     from bone3d.io import read_volume, write_volume
-    from bone3d.morphometry import bone_volume_fraction, segment
+    from bone3d.morphometry import morphometry, segment
 
     t0 = time.time()
     out = Path(args.out)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         output_image=str(sr_path),
     )
 
-    _banner(4, "BV/TV (IsoData threshold per volume) of LR, SR and HR")
+    _banner(4, "morphometry (ImageJ IsoData per volume, BoneJ conventions) of LR, SR and HR")
     lr_img, hr_img, sr_img = (
         read_volume(test["image"]),
         read_volume(test["target"]),
@@ -130,24 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = {}
     data_range = float(np.ptp(meta["hr_range"]))
+    sp = tuple(float(v) for v in hr_img.spacing)
     for name, vol in [("LR (trilinear)", lr_hr_units), ("SR (U-Net)", sr), ("HR", hr)]:
         bone, t = segment(vol, "isodata")
-        rows[name] = {
-            "bv_tv": bone_volume_fraction(bone, spacing=hr_img.spacing)["bv_tv"],
-            "threshold": t,
-            "psnr_db": _psnr(vol.astype(np.float32), hr, data_range)
-            if name != "HR"
-            else float("inf"),
-        }
-    hr_bvtv = rows["HR"]["bv_tv"]
+        m = morphometry(bone, sp, metrics=("bv_tv", "tb_th", "tb_sp", "connectivity", "da"))
+        rows[name] = {k: m[k] for k in MORPHO}
+        rows[name]["threshold"] = t
+        rows[name]["psnr_db"] = _psnr(vol.astype(np.float32), hr, data_range) if name != "HR" else None
     for r in rows.values():
-        r["bv_tv_abs_error"] = abs(r["bv_tv"] - hr_bvtv)
+        for k in MORPHO:
+            ref = rows["HR"][k]
+            r[f"{k}_rel_error"] = None if not ref else abs(r[k] - ref) / abs(ref)
     fig = _figure(lr_hr_units, sr, hr, meta["hr_range"], out / "slices.png")
     results = {
         "specimen": test["specimen"],
         "hr_spacing_mm": meta["hr_spacing_mm"],
         "psnr_data_range": data_range,
-        "threshold": "isodata (Ridler & Calvard 1978), per volume",
+        "threshold": "ImageJ IsoData, per volume",
         "truth_bv_tv": None if truth is None else float(truth.mean()),
         "rows": rows,
     }
@@ -164,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     run_id = runs[0].info.run_id
     keys = {"LR (trilinear)": "lr", "SR (U-Net)": "sr", "HR": "hr"}
     for name, r in rows.items():
-        client.log_metric(run_id, f"test_bv_tv_{keys[name]}", r["bv_tv"])
+        for k in MORPHO:
+            client.log_metric(run_id, f"test_{k}_{keys[name]}", r[k])
+            if name != "HR" and r[f"{k}_rel_error"] is not None:
+                client.log_metric(run_id, f"test_{k}_rel_error_{keys[name]}", r[f"{k}_rel_error"])
         if name != "HR":
-            client.log_metric(run_id, f"test_bv_tv_abs_error_{keys[name]}", r["bv_tv_abs_error"])
             client.log_metric(run_id, f"test_psnr_{keys[name]}", r["psnr_db"])
     client.log_artifact(run_id, str(fig))
     client.log_artifact(run_id, str(results_path))
@@ -175,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"bone3d demo: test specimen {test['specimen']} ({args.preset} -> {meta['hr_spacing_mm'][0]} mm)"
     )
-    print(f"{'':18s} {'BV/TV':>8s} {'|err| vs HR':>12s} {'PSNR dB':>9s}")
+    print(f"{'':16s}" + "".join(f"{LABELS[k]:>13s}" for k in MORPHO) + f"{'PSNR dB':>9s}")
     for name, r in rows.items():
-        psnr = "" if name == "HR" else f"{r['psnr_db']:9.2f}"
-        err = "" if name == "HR" else f"{r['bv_tv_abs_error']:12.4f}"
-        print(f"{name:18s} {r['bv_tv']:8.4f} {err:>12s} {psnr:>9s}")
+        cells = "".join(f"{r[k]:13.4f}" for k in MORPHO)
+        print(f"{name:16s}{cells}" + ("" if r["psnr_db"] is None else f"{r['psnr_db']:9.2f}"))
+        if name != "HR":
+            errs = "".join(f"{100 * r[f'{k}_rel_error']:12.1f}%" for k in MORPHO)
+            print(f"{'  error vs HR':16s}{errs}")
     if truth is not None:
-        print(f"{'phantom truth':18s} {truth.mean():8.4f}")
+        print(f"{'phantom truth':16s}{truth.mean():13.4f}")
     print("=" * 72)
     print(f"SR volume:        {sr_path}")
     print(f"LR (trilinear):   {lr_up_path}")
