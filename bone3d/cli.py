@@ -278,6 +278,55 @@ def _print_table(rows, fields) -> None:
             print(f"note ({Path(r['file']).name}): {note}")
 
 
+def cmd_models(args) -> int:
+    import torch
+
+    from bone3d.nets import REGISTRY, build, n_parameters
+
+    rows = []
+    for name, entry in REGISTRY.items():
+        for preset in entry.presets:
+            counts = {}
+            for d in (2, 3):
+                kw = (
+                    {"scale": 2}
+                    if name
+                    in ("fsrcnn", "edsr", "rcan", "rrdb", "r2rcan", "dan_restorer", "dan_estimator")
+                    else {}
+                )
+                with torch.device("meta"):  # count without allocating (paper 3D nets are huge)
+                    counts[f"params_{d}d"] = n_parameters(build(name, d, preset, **kw))
+            rows.append(
+                {
+                    "name": name,
+                    "kind": entry.kind,
+                    "preset": preset,
+                    "source": entry.source,
+                    **counts,
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bone3d network registry (1 channel in/out; x2 for SR models)")
+    for col in ("name", "kind", "preset", "params 2D", "params 3D", "source"):
+        table.add_column(col, justify="right" if col.startswith("params") else "left")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["kind"],
+            r["preset"],
+            f"{r['params_2d']:,}",
+            f"{r['params_3d']:,}",
+            r["source"],
+        )
+    Console(width=160).print(table)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="3d", help="variant config (3d, 2d, 2p5d)")
     p.add_argument("--checkpoint", help="weights (default: BUNDLE/models/model.pt)")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("models", help="list the network registry with presets and parameter counts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("morpho", help="bone morphometry (BoneJ conventions, mm units)")
     p.add_argument("inputs", nargs="+", help="grey-level or binary volumes")

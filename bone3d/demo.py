@@ -18,7 +18,13 @@ import numpy as np
 BUNDLE = Path("bundles/unet_sr")
 # morphometry shown by the demo (BoneJ conventions, `bone3d.morphometry`)
 MORPHO = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")
-LABELS = {"bv_tv": "BV/TV", "tb_th_mm": "Tb.Th mm", "tb_sp_mm": "Tb.Sp mm", "conn_d_per_mm3": "Conn.D /mm3", "da": "DA"}
+LABELS = {
+    "bv_tv": "BV/TV",
+    "tb_th_mm": "Tb.Th mm",
+    "tb_sp_mm": "Tb.Sp mm",
+    "conn_d_per_mm3": "Conn.D /mm3",
+    "da": "DA",
+}
 
 
 def _banner(step: int, text: str) -> None:
@@ -139,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         m = morphometry(bone, sp, metrics=("bv_tv", "tb_th", "tb_sp", "connectivity", "da"))
         rows[name] = {k: m[k] for k in MORPHO}
         rows[name]["threshold"] = t
-        rows[name]["psnr_db"] = _psnr(vol.astype(np.float32), hr, data_range) if name != "HR" else None
+        rows[name]["psnr_db"] = (
+            _psnr(vol.astype(np.float32), hr, data_range) if name != "HR" else None
+        )
     for r in rows.values():
         for k in MORPHO:
             ref = rows["HR"][k]

@@ -14,13 +14,27 @@ from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
 
 
-def conv(d: int, cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None, bias: bool = True) -> nn.Module:
+def conv(
+    d: int,
+    cin: int,
+    cout: int,
+    k: int = 3,
+    stride: int = 1,
+    padding: int | None = None,
+    bias: bool = True,
+) -> nn.Module:
     """``Conv[Conv.CONV, d]`` with 'same' padding by default."""
-    return Conv[Conv.CONV, d](cin, cout, k, stride=stride, padding=k // 2 if padding is None else padding, bias=bias)
+    return Conv[Conv.CONV, d](
+        cin, cout, k, stride=stride, padding=k // 2 if padding is None else padding, bias=bias
+    )
 
 
-def conv_t(d: int, cin: int, cout: int, k: int, stride, padding: int, output_padding=0, bias: bool = True) -> nn.Module:
-    return Conv[Conv.CONVTRANS, d](cin, cout, k, stride=stride, padding=padding, output_padding=output_padding, bias=bias)
+def conv_t(
+    d: int, cin: int, cout: int, k: int, stride, padding: int, output_padding=0, bias: bool = True
+) -> nn.Module:
+    return Conv[Conv.CONVTRANS, d](
+        cin, cout, k, stride=stride, padding=padding, output_padding=output_padding, bias=bias
+    )
 
 
 def norm(d: int, kind: str, ch: int) -> nn.Module:
@@ -37,7 +51,9 @@ def norm(d: int, kind: str, ch: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}")
 
 
-def avg_pool(d: int, k: int, stride: int, padding: int = 0, count_include_pad: bool = True) -> nn.Module:
+def avg_pool(
+    d: int, k: int, stride: int, padding: int = 0, count_include_pad: bool = True
+) -> nn.Module:
     return Pool[Pool.AVG, d](k, stride=stride, padding=padding, count_include_pad=count_include_pad)
 
 
@@ -111,7 +127,9 @@ def pixel_shuffle(x: torch.Tensor, factors: list[int]) -> torch.Tensor:
 class PixelShuffleUp(nn.Module):
     """Sub-pixel upsampling stages: conv(C -> C*prod(f)) + per-axis shuffle, one per stage."""
 
-    def __init__(self, spatial_dims: int, ch: int, scale: Sequence[int], k: int = 3, act: bool = False):
+    def __init__(
+        self, spatial_dims: int, ch: int, scale: Sequence[int], k: int = 3, act: bool = False
+    ):
         super().__init__()
         self.stages = scale_stages(scale)
         self.convs = nn.ModuleList()
@@ -152,7 +170,14 @@ class ChannelAttention(nn.Module):
 class ResnetBlock(nn.Module):
     """pix2pixHD/CycleGAN residual block: [pad, conv3, norm, ReLU, pad, conv3, norm] + x."""
 
-    def __init__(self, spatial_dims: int, ch: int, norm_kind: str = "instance", bias: bool = True, reflect: bool = True):
+    def __init__(
+        self,
+        spatial_dims: int,
+        ch: int,
+        norm_kind: str = "instance",
+        bias: bool = True,
+        reflect: bool = True,
+    ):
         super().__init__()
         d = spatial_dims
         pad = 0 if reflect else 1

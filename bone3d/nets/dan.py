@@ -21,7 +21,12 @@ from bone3d.nets.blocks import ChannelAttention, PixelShuffleUp, as_scale, conv
 class CRB(nn.Module):
     def __init__(self, d: int, nf1: int, nf2: int):
         super().__init__()
-        self.body = nn.Sequential(conv(d, nf1 + nf2, nf1 + nf2, 3), nn.LeakyReLU(0.2, True), conv(d, nf1 + nf2, nf1, 3), ChannelAttention(d, nf1, 16, slope=0.2))
+        self.body = nn.Sequential(
+            conv(d, nf1 + nf2, nf1 + nf2, 3),
+            nn.LeakyReLU(0.2, True),
+            conv(d, nf1 + nf2, nf1, 3),
+            ChannelAttention(d, nf1, 16, slope=0.2),
+        )
 
     def forward(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         return f1 + self.body(torch.cat([f1, f2], 1))
@@ -30,7 +35,16 @@ class CRB(nn.Module):
 class DANRestorer(nn.Module):
     """``forward(lr, code)``: lr (B, C, *S), code (B, para) -> SR (B, C_out, *(S * scale))."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, scale=4, nf: int = 64, nb: int = 40, input_para: int = 10):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        scale=4,
+        nf: int = 64,
+        nb: int = 40,
+        input_para: int = 10,
+    ):
         super().__init__()
         d = spatial_dims
         self.head = conv(d, in_channels, nf, 3)
@@ -53,7 +67,15 @@ class DANRestorer(nn.Module):
 class DANEstimator(nn.Module):
     """``forward(sr, lr)`` -> kernel code (B, para)."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, scale=4, nf: int = 64, num_blocks: int = 5, input_para: int = 10):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        scale=4,
+        nf: int = 64,
+        num_blocks: int = 5,
+        input_para: int = 10,
+    ):
         super().__init__()
         d = spatial_dims
         sc = as_scale(scale, d)

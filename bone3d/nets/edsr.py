@@ -22,11 +22,23 @@ class _ResBlock(nn.Module):
 
 
 class EDSR(nn.Module):
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, scale=2, n_resblocks: int = 16, n_feats: int = 64, res_scale: float = 1.0):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        scale=2,
+        n_resblocks: int = 16,
+        n_feats: int = 64,
+        res_scale: float = 1.0,
+    ):
         super().__init__()
         d = spatial_dims
         self.head = conv(d, in_channels, n_feats, 3)
-        self.body = nn.Sequential(*[_ResBlock(d, n_feats, res_scale) for _ in range(n_resblocks)], conv(d, n_feats, n_feats, 3))
+        self.body = nn.Sequential(
+            *[_ResBlock(d, n_feats, res_scale) for _ in range(n_resblocks)],
+            conv(d, n_feats, n_feats, 3),
+        )
         self.up = PixelShuffleUp(d, n_feats, as_scale(scale, d))
         self.tail = conv(d, n_feats, out_channels, 3)
 

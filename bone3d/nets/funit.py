@@ -21,7 +21,9 @@ from bone3d.nets.blocks import ReflectPad, avg_pool, conv, norm
 class _Block(nn.Module):
     """Reflect pad -> conv -> [instance norm] -> activation (FUNIT's Conv2dBlock)."""
 
-    def __init__(self, d, cin, cout, k, stride, pad, use_norm=False, act="relu", act_first=False, bias=True):
+    def __init__(
+        self, d, cin, cout, k, stride, pad, use_norm=False, act="relu", act_first=False, bias=True
+    ):
         super().__init__()
         self.pad = ReflectPad(d, pad) if pad > 0 else nn.Identity()
         self.conv = conv(d, cin, cout, k, stride=stride, padding=0, bias=bias)
@@ -54,7 +56,9 @@ class _ResBlock(nn.Module):
         return x + self.c2(self.c1(x))
 
 
-def _adain(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def _adain(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
     dims = [i for i in range(2, x.dim())]
     mu = x.mean(dim=dims, keepdim=True)
     var = x.var(dim=dims, keepdim=True, unbiased=False)
@@ -108,7 +112,10 @@ class FUNITGenerator(nn.Module):
         self.dec_res = nn.ModuleList([_AdaINResBlock(d, dim) for _ in range(n_res_blks)])
         up: list[nn.Module] = []
         for _ in range(n_downs_content):
-            up += [nn.Upsample(scale_factor=2.0, mode="nearest"), _Block(d, dim, dim // 2, 5, 1, 2, use_norm=True)]
+            up += [
+                nn.Upsample(scale_factor=2.0, mode="nearest"),
+                _Block(d, dim, dim // 2, 5, 1, 2, use_norm=True),
+            ]
             dim //= 2
         up.append(_Block(d, dim, out_channels, 7, 1, 3, act="tanh"))
         self.dec_up = nn.Sequential(*up)
@@ -145,7 +152,9 @@ class _ActFirstRes(nn.Module):
         hid = min(fin, fout)
         self.c0 = _Block(d, fin, hid, 3, 1, 1, act="lrelu", act_first=True)
         self.c1 = _Block(d, hid, fout, 3, 1, 1, act="lrelu", act_first=True)
-        self.shortcut = conv(d, fin, fout, 1, padding=0, bias=False) if fin != fout else nn.Identity()
+        self.shortcut = (
+            conv(d, fin, fout, 1, padding=0, bias=False) if fin != fout else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shortcut(x) + self.c1(self.c0(x))
@@ -154,7 +163,14 @@ class _ActFirstRes(nn.Module):
 class FUNITDiscriminator(nn.Module):
     """``forward(x, y)`` -> (logit map of class y (B, *S'), features)."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, nf: int = 64, n_res_blks: int = 10, num_classes: int = 119):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        nf: int = 64,
+        n_res_blks: int = 10,
+        num_classes: int = 119,
+    ):
         super().__init__()
         d = spatial_dims
         if n_res_blks % 2:
@@ -162,7 +178,12 @@ class FUNITDiscriminator(nn.Module):
         layers: list[nn.Module] = [_Block(d, in_channels, nf, 7, 1, 3, act="none")]
         for _ in range(n_res_blks // 2 - 1):
             nf_out = min(nf * 2, 1024)
-            layers += [_ActFirstRes(d, nf, nf), _ActFirstRes(d, nf, nf_out), ReflectPad(d, 1), avg_pool(d, 3, 2)]
+            layers += [
+                _ActFirstRes(d, nf, nf),
+                _ActFirstRes(d, nf, nf_out),
+                ReflectPad(d, 1),
+                avg_pool(d, 3, 2),
+            ]
             nf = nf_out
         nf_out = min(nf * 2, 1024)
         layers += [_ActFirstRes(d, nf, nf), _ActFirstRes(d, nf, nf_out)]
@@ -177,9 +198,33 @@ class FUNITDiscriminator(nn.Module):
 
 
 PRESETS_G = {
-    "paper": {"nf": 64, "nf_mlp": 256, "n_downs_class": 4, "n_downs_content": 3, "n_mlp_blks": 3, "n_res_blks": 2, "latent_dim": 64},
-    "cpu3d": {"nf": 16, "nf_mlp": 64, "n_downs_class": 3, "n_downs_content": 2, "n_mlp_blks": 3, "n_res_blks": 2, "latent_dim": 32},
-    "tiny": {"nf": 4, "nf_mlp": 16, "n_downs_class": 2, "n_downs_content": 2, "n_mlp_blks": 2, "n_res_blks": 1, "latent_dim": 8},
+    "paper": {
+        "nf": 64,
+        "nf_mlp": 256,
+        "n_downs_class": 4,
+        "n_downs_content": 3,
+        "n_mlp_blks": 3,
+        "n_res_blks": 2,
+        "latent_dim": 64,
+    },
+    "cpu3d": {
+        "nf": 16,
+        "nf_mlp": 64,
+        "n_downs_class": 3,
+        "n_downs_content": 2,
+        "n_mlp_blks": 3,
+        "n_res_blks": 2,
+        "latent_dim": 32,
+    },
+    "tiny": {
+        "nf": 4,
+        "nf_mlp": 16,
+        "n_downs_class": 2,
+        "n_downs_content": 2,
+        "n_mlp_blks": 2,
+        "n_res_blks": 1,
+        "latent_dim": 8,
+    },
 }
 PRESETS_D = {
     "paper": {"nf": 64, "n_res_blks": 10, "num_classes": 119},

@@ -24,10 +24,19 @@ from bone3d.nets.blocks import ReflectPad, ResnetBlock, avg_pool, conv, conv_t, 
 
 
 def _global_layers(d, cin, cout, ngf, n_down, n_blocks, norm_kind, final: bool) -> list[nn.Module]:
-    layers: list[nn.Module] = [ReflectPad(d, 3), conv(d, cin, ngf, 7, padding=0), norm(d, norm_kind, ngf), nn.ReLU(True)]
+    layers: list[nn.Module] = [
+        ReflectPad(d, 3),
+        conv(d, cin, ngf, 7, padding=0),
+        norm(d, norm_kind, ngf),
+        nn.ReLU(True),
+    ]
     for i in range(n_down):
         m = 2**i
-        layers += [conv(d, ngf * m, ngf * m * 2, 3, stride=2, padding=1), norm(d, norm_kind, ngf * m * 2), nn.ReLU(True)]
+        layers += [
+            conv(d, ngf * m, ngf * m * 2, 3, stride=2, padding=1),
+            norm(d, norm_kind, ngf * m * 2),
+            nn.ReLU(True),
+        ]
     m = 2**n_down
     layers += [ResnetBlock(d, ngf * m, norm_kind) for _ in range(n_blocks)]
     for i in range(n_down):
@@ -45,9 +54,29 @@ def _global_layers(d, cin, cout, ngf, n_down, n_blocks, norm_kind, final: bool) 
 class GlobalGenerator(nn.Module):
     """pix2pixHD G1. Paper: ngf 64, 4 downsamplings, 9 ResNet blocks."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, ngf: int = 64, n_downsampling: int = 4, n_blocks: int = 9, norm_kind: str = "instance"):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        ngf: int = 64,
+        n_downsampling: int = 4,
+        n_blocks: int = 9,
+        norm_kind: str = "instance",
+    ):
         super().__init__()
-        self.model = nn.Sequential(*_global_layers(spatial_dims, in_channels, out_channels, ngf, n_downsampling, n_blocks, norm_kind, True))
+        self.model = nn.Sequential(
+            *_global_layers(
+                spatial_dims,
+                in_channels,
+                out_channels,
+                ngf,
+                n_downsampling,
+                n_blocks,
+                norm_kind,
+                True,
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -66,24 +95,34 @@ class LocalEnhancer(nn.Module):
         self.n_local_enhancers = n_local_enhancers
         ngf_global = ngf * 2**n_local_enhancers
         self.global_model = nn.Sequential(
-            *_global_layers(d, in_channels, out_channels, ngf_global, n_downsample_global, n_blocks_global, norm_kind, False)
+            *_global_layers(
+                d,
+                in_channels,
+                out_channels,
+                ngf_global,
+                n_downsample_global,
+                n_blocks_global,
+                norm_kind,
+                False,
+            )
         )
         self.downsample = avg_pool(d, 3, 2, padding=1, count_include_pad=False)
-        self.down_branches = nn.ModuleList()
-        self.up_branches = nn.ModuleList()
+        self.branches = nn.ModuleList()
         for n in range(1, n_local_enhancers + 1):
             g = ngf * 2 ** (n_local_enhancers - n)
-            self.down_branches.append(
-                nn.Sequential(
+            down = nn.Sequential(
                     ReflectPad(d, 3), conv(d, in_channels, g, 7, padding=0), norm(d, norm_kind, g), nn.ReLU(True),
                     conv(d, g, g * 2, 3, stride=2, padding=1), norm(d, norm_kind, g * 2), nn.ReLU(True),
-                )
             )  # fmt: skip
             up: list[nn.Module] = [ResnetBlock(d, g * 2, norm_kind) for _ in range(n_blocks_local)]
-            up += [conv_t(d, g * 2, g, 3, stride=2, padding=1, output_padding=1), norm(d, norm_kind, g), nn.ReLU(True)]
+            up += [
+                conv_t(d, g * 2, g, 3, stride=2, padding=1, output_padding=1),
+                norm(d, norm_kind, g),
+                nn.ReLU(True),
+            ]
             if n == n_local_enhancers:
                 up += [ReflectPad(d, 3), conv(d, ngf, out_channels, 7, padding=0), nn.Tanh()]
-            self.up_branches.append(nn.Sequential(*up))
+            self.branches.append(_LocalBranch(down, nn.Sequential(*up)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pyramid = [x]
@@ -91,16 +130,36 @@ class LocalEnhancer(nn.Module):
             pyramid.append(self.downsample(pyramid[-1]))
         out = self.global_model(pyramid[-1])
         i = 0
-        for down, up in zip(self.down_branches, self.up_branches, strict=True):
-            out = up(down(pyramid[self.n_local_enhancers - 1 - i]) + out)
+        for branch in self.branches:
+            out = branch(pyramid[self.n_local_enhancers - 1 - i], out)
             i += 1
         return out
+
+
+class _LocalBranch(nn.Module):
+    """One local enhancer: its own downsampling of the finer input, added to the coarser
+    output, then ResNet blocks and upsampling."""
+
+    def __init__(self, down: nn.Module, up: nn.Module):
+        super().__init__()
+        self.down = down
+        self.up = up
+
+    def forward(self, x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x) + coarse)
 
 
 class NLayerDiscriminatorHD(nn.Module):
     """pix2pixHD's N-layer PatchGAN (4x4 kernels, padding 2), every layer's output exposed."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, ndf: int = 64, n_layers: int = 3, norm_kind: str = "instance"):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        ndf: int = 64,
+        n_layers: int = 3,
+        norm_kind: str = "instance",
+    ):
         super().__init__()
         d, kw = spatial_dims, 4
         pw = int(math.ceil((kw - 1.0) / 2))
@@ -108,9 +167,21 @@ class NLayerDiscriminatorHD(nn.Module):
         nf = ndf
         for _ in range(1, n_layers):
             prev, nf = nf, min(nf * 2, 512)
-            seq.append([conv(d, prev, nf, kw, stride=2, padding=pw), norm(d, norm_kind, nf), nn.LeakyReLU(0.2, True)])
+            seq.append(
+                [
+                    conv(d, prev, nf, kw, stride=2, padding=pw),
+                    norm(d, norm_kind, nf),
+                    nn.LeakyReLU(0.2, True),
+                ]
+            )
         prev, nf = nf, min(nf * 2, 512)
-        seq.append([conv(d, prev, nf, kw, stride=1, padding=pw), norm(d, norm_kind, nf), nn.LeakyReLU(0.2, True)])
+        seq.append(
+            [
+                conv(d, prev, nf, kw, stride=1, padding=pw),
+                norm(d, norm_kind, nf),
+                nn.LeakyReLU(0.2, True),
+            ]
+        )
         seq.append([conv(d, nf, 1, kw, stride=1, padding=pw)])
         self.layers = nn.ModuleList([nn.Sequential(*s) for s in seq])
 
@@ -125,10 +196,21 @@ class NLayerDiscriminatorHD(nn.Module):
 class MultiscaleDiscriminator(nn.Module):
     """``num_D`` discriminators on the input average-pooled (3x3, stride 2, no pad counting)."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 2, ndf: int = 64, n_layers: int = 3, num_D: int = 3, norm_kind: str = "instance"):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 2,
+        ndf: int = 64,
+        n_layers: int = 3,
+        num_D: int = 3,
+        norm_kind: str = "instance",
+    ):
         super().__init__()
         self.discriminators = nn.ModuleList(
-            [NLayerDiscriminatorHD(spatial_dims, in_channels, ndf, n_layers, norm_kind) for _ in range(num_D)]
+            [
+                NLayerDiscriminatorHD(spatial_dims, in_channels, ndf, n_layers, norm_kind)
+                for _ in range(num_D)
+            ]
         )
         self.downsample = avg_pool(spatial_dims, 3, 2, padding=1, count_include_pad=False)
 
@@ -146,9 +228,27 @@ PRESETS_GLOBAL = {
     "tiny": {"ngf": 4, "n_downsampling": 2, "n_blocks": 1},
 }
 PRESETS_LOCAL = {
-    "paper": {"ngf": 32, "n_downsample_global": 4, "n_blocks_global": 9, "n_local_enhancers": 1, "n_blocks_local": 3},
-    "cpu3d": {"ngf": 8, "n_downsample_global": 2, "n_blocks_global": 3, "n_local_enhancers": 1, "n_blocks_local": 2},
-    "tiny": {"ngf": 2, "n_downsample_global": 1, "n_blocks_global": 1, "n_local_enhancers": 1, "n_blocks_local": 1},
+    "paper": {
+        "ngf": 32,
+        "n_downsample_global": 4,
+        "n_blocks_global": 9,
+        "n_local_enhancers": 1,
+        "n_blocks_local": 3,
+    },
+    "cpu3d": {
+        "ngf": 8,
+        "n_downsample_global": 2,
+        "n_blocks_global": 3,
+        "n_local_enhancers": 1,
+        "n_blocks_local": 2,
+    },
+    "tiny": {
+        "ngf": 2,
+        "n_downsample_global": 1,
+        "n_blocks_global": 1,
+        "n_local_enhancers": 1,
+        "n_blocks_local": 1,
+    },
 }
 PRESETS_MSD = {
     "paper": {"ndf": 64, "n_layers": 3, "num_D": 3},

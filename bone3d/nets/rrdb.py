@@ -29,14 +29,25 @@ class _DenseBlock(nn.Module):
 class RRDB(nn.Module):
     def __init__(self, d: int, nf: int, gc: int):
         super().__init__()
-        self.blocks = nn.Sequential(_DenseBlock(d, nf, gc), _DenseBlock(d, nf, gc), _DenseBlock(d, nf, gc))
+        self.blocks = nn.Sequential(
+            _DenseBlock(d, nf, gc), _DenseBlock(d, nf, gc), _DenseBlock(d, nf, gc)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + 0.2 * self.blocks(x)
 
 
 class RRDBNet(nn.Module):
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, scale=4, nf: int = 64, nb: int = 23, gc: int = 32):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        scale=4,
+        nf: int = 64,
+        nb: int = 23,
+        gc: int = 32,
+    ):
         super().__init__()
         d = spatial_dims
         self.conv_first = conv(d, in_channels, nf, 3)

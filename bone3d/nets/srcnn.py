@@ -14,10 +14,26 @@ from bone3d.nets.blocks import conv
 
 
 class SRCNN(nn.Module):
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, n1: int = 64, n2: int = 32, f1: int = 9, f2: int = 5, f3: int = 5):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        n1: int = 64,
+        n2: int = 32,
+        f1: int = 9,
+        f2: int = 5,
+        f3: int = 5,
+    ):
         super().__init__()
         d = spatial_dims
-        self.body = nn.Sequential(conv(d, in_channels, n1, f1), nn.ReLU(True), conv(d, n1, n2, f2), nn.ReLU(True), conv(d, n2, out_channels, f3))
+        self.body = nn.Sequential(
+            conv(d, in_channels, n1, f1),
+            nn.ReLU(True),
+            conv(d, n1, n2, f2),
+            nn.ReLU(True),
+            conv(d, n2, out_channels, f3),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

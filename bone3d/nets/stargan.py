@@ -32,17 +32,37 @@ class _Residual(nn.Module):
 class StarGANGenerator(nn.Module):
     """Input ``x`` (B, C_in, *S) and domain labels ``c`` (B, c_dim); output (B, C_out, *S)."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, conv_dim: int = 64, c_dim: int = 5, repeat_num: int = 6):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        conv_dim: int = 64,
+        c_dim: int = 5,
+        repeat_num: int = 6,
+    ):
         super().__init__()
         d = spatial_dims
-        layers: list[nn.Module] = [conv(d, in_channels + c_dim, conv_dim, 7, bias=False), norm(d, "instance_affine", conv_dim), nn.ReLU(True)]
+        layers: list[nn.Module] = [
+            conv(d, in_channels + c_dim, conv_dim, 7, bias=False),
+            norm(d, "instance_affine", conv_dim),
+            nn.ReLU(True),
+        ]
         cur = conv_dim
         for _ in range(2):
-            layers += [conv(d, cur, cur * 2, 4, stride=2, padding=1, bias=False), norm(d, "instance_affine", cur * 2), nn.ReLU(True)]
+            layers += [
+                conv(d, cur, cur * 2, 4, stride=2, padding=1, bias=False),
+                norm(d, "instance_affine", cur * 2),
+                nn.ReLU(True),
+            ]
             cur *= 2
         layers += [_Residual(d, cur) for _ in range(repeat_num)]
         for _ in range(2):
-            layers += [conv_t(d, cur, cur // 2, 4, stride=2, padding=1, bias=False), norm(d, "instance_affine", cur // 2), nn.ReLU(True)]
+            layers += [
+                conv_t(d, cur, cur // 2, 4, stride=2, padding=1, bias=False),
+                norm(d, "instance_affine", cur // 2),
+                nn.ReLU(True),
+            ]
             cur //= 2
         layers += [conv(d, cur, out_channels, 7, bias=False), nn.Tanh()]
         self.main = nn.Sequential(*layers)
@@ -57,10 +77,21 @@ class StarGANGenerator(nn.Module):
 class StarGANDiscriminator(nn.Module):
     """Returns (source logits map, domain logits (B, c_dim))."""
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, image_size: int = 128, conv_dim: int = 64, c_dim: int = 5, repeat_num: int = 6):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        image_size: int = 128,
+        conv_dim: int = 64,
+        c_dim: int = 5,
+        repeat_num: int = 6,
+    ):
         super().__init__()
         d = spatial_dims
-        layers: list[nn.Module] = [conv(d, in_channels, conv_dim, 4, stride=2, padding=1), nn.LeakyReLU(0.01)]
+        layers: list[nn.Module] = [
+            conv(d, in_channels, conv_dim, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.01),
+        ]
         cur = conv_dim
         for _ in range(1, repeat_num):
             layers += [conv(d, cur, cur * 2, 4, stride=2, padding=1), nn.LeakyReLU(0.01)]
