@@ -61,6 +61,7 @@ def test_morpho_cli_json(tmp_path, rng):
         [sys.executable, "-m", "bone3d.cli", "morpho", str(path), "--json", str(out)],
         capture_output=True,
         text=True,
+        encoding="utf-8",  # the table is drawn with Unicode box characters
     )
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
