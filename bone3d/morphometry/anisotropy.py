@@ -99,8 +99,11 @@ def fabric_tensor(
     if b.shape != v.shape:
         raise InputError("voi", "VOI and image shapes differ")
     labels = np.where(v, b.astype(np.int8), np.int8(-1)).astype(np.int8)
-    idx = np.argwhere(v)
-    lo, hi = idx.min(0) * sp, idx.max(0) * sp
+    from bone3d.morphometry.metrics import _bbox
+
+    box = _bbox(v)
+    lo = np.array([b.start for b in box]) * sp
+    hi = np.array([b.stop - 1 for b in box]) * sp
     centre = (lo + hi) / 2.0
     half = float(np.linalg.norm(hi - lo) / 2.0 + sp.max())
     step = float(step_mm or sp.min())

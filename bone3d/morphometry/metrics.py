@@ -82,9 +82,13 @@ def _crop(*arrays, box):
 
 
 def _bbox(voi: np.ndarray) -> tuple[slice, ...]:
-    idx = np.argwhere(voi)
-    lo, hi = idx.min(0), idx.max(0) + 1
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    """Bounding box of a non-empty mask (axis projections: no per-voxel index array)."""
+    out = []
+    for axis in range(voi.ndim):
+        other = tuple(j for j in range(voi.ndim) if j != axis)
+        hit = np.flatnonzero(voi.any(axis=other))
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(out)
 
 
 def direct_tb_n(bone: np.ndarray, voi: np.ndarray, spacing) -> float | None:

@@ -17,14 +17,23 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import measure
 
+_CHUNK = 1 << 19  # faces per chunk: bounds the temporary (faces x 3 x 3) arrays
+
 
 def _area(verts, faces) -> float:
-    return float(measure.mesh_surface_area(verts, faces))
+    total = 0.0
+    for i in range(0, len(faces), _CHUNK):
+        total += float(measure.mesh_surface_area(verts, faces[i : i + _CHUNK]))
+    return total
 
 
 def _volume(verts, faces) -> float:
-    tri = verts[faces]
-    return float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0)
+    """Enclosed volume by the divergence theorem (sum of signed tetrahedra), chunked."""
+    total = 0.0
+    for i in range(0, len(faces), _CHUNK):
+        tri = verts[faces[i : i + _CHUNK]]
+        total += float(np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum())
+    return total / 6.0
 
 
 def structure_model_index(bone: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float | None:
