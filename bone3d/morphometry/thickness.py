@@ -192,6 +192,13 @@ def _paint(shape, pts, vals, tile):  # pragma: no cover - compiled
     out = np.zeros(shape, dtype=np.int32)
     nxt = np.empty(shape, dtype=np.int32)
     starts, idx, tx, ty = _bucket(pts, vals, shape, tile)
+    rmax2 = 0
+    for i in range(pts.shape[0]):
+        if vals[i] > rmax2:
+            rmax2 = vals[i]
+    sq = np.empty(rmax2 + 1, dtype=np.int32)  # integer square roots by table look-up
+    for v in range(rmax2 + 1):
+        sq[v] = _isqrt(v)
     for t in numba.prange(tx * ty):
         x0 = (t // ty) * tile
         y0 = (t % ty) * tile
@@ -205,13 +212,13 @@ def _paint(shape, pts, vals, tile):  # pragma: no cover - compiled
             i = idx[m]
             cx, cy, cz = pts[i, 0], pts[i, 1], pts[i, 2]
             rr = vals[i]
-            r = _isqrt(rr)
+            r = sq[rr]
             r32 = np.int32(rr)
             for x in range(max(x0, cx - r), min(x1 - 1, cx + r) + 1):
                 rem_x = rr - (x - cx) * (x - cx)
-                ry = _isqrt(rem_x)
+                ry = sq[rem_x]
                 for y in range(max(y0, cy - ry), min(y1 - 1, cy + ry) + 1):
-                    rz = _isqrt(rem_x - (y - cy) * (y - cy))
+                    rz = sq[rem_x - (y - cy) * (y - cy)]
                     lo = max(0, cz - rz)
                     hi = min(nz - 1, cz + rz)
                     p = _find(nxt, x, y, lo, nz)
