@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         val_interval=max(1, args.epochs // 4),
         run_name=run_name,
         seed=args.seed,
+        resume=False,  # the demo always trains afresh on the data it just made
     )
 
     _banner(3, "sliding-window inference of the whole held-out test specimen")

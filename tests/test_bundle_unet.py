@@ -12,6 +12,7 @@ import pytest
 
 from bone3d.data.datalist import datalist_items, experiment_name
 from bone3d.data.prepare import prepare
+from bone3d.engines import latest_checkpoint
 from bone3d.io import read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +94,47 @@ def test_infer_cli_refuses_bad_input(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "bad.nii.gz" in res.stderr
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL mid-training, run the same command again: it resumes from the last epoch
+    checkpoint (model, optimiser, scheduler, trainer state) and continues the same MLflow run."""
+    import signal
+    import time
+
+    datalist = prepare(
+        tmp_path / "data", phantoms=3, preset="hrpqct", phantom_shape=(48, 48, 48), progress=False
+    )
+    models = tmp_path / "models"
+    db = tmp_path / "mlruns.db"
+    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json']"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--tracking", "mlflow",
+        "--bundle_root", str(BUNDLE), "--datalist", str(datalist), "--ckpt_dir", str(models),
+        "--output_dir", str(tmp_path / "runs"), "--tracking_uri", f"sqlite:///{db}",
+        "--net_preset", "tiny", "--patch_size", "[32,32,32]", "--max_epochs", "8",
+        "--val_interval", "100", "--samples_per_volume", "2", "--queue_length", "4",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and latest_checkpoint(models) is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_checkpoint(models)
+    assert killed_at is not None, "training never saved a checkpoint"
+    assert not (models / "checkpoint_final_iteration=8.pt").exists(), "killed too late"
+    epoch = int(killed_at.split("epoch=")[1].split(".")[0])
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    log = res.stdout + res.stderr
+    assert f"Restored all variables from {killed_at}" in log  # MONAI CheckpointLoader
+    assert f"Epoch: {epoch + 1}/8" in log and f"Epoch: {epoch}/8" not in log  # no start-over
+    assert (models / "checkpoint_epoch=8.pt").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment_name(datalist))
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "the resumed training must continue the same MLflow run"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
+    assert max(steps) == 8  # one iteration per epoch (1 training specimen x 2 patches, batch 2)

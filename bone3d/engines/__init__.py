@@ -25,3 +25,44 @@ def tracking_enabled(save_execute_config) -> bool:
     is enabled only then, so untracked runs do not create MLflow runs.
     """
     return save_execute_config is not True
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint_epoch=N.pt`` (model, optimiser, scheduler, trainer) in
+    ``ckpt_dir``, or None. Written by the bundles' ``CheckpointSaver`` every epoch."""
+    import re
+
+    best, best_epoch = None, -1
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    for f in folder.glob("checkpoint_epoch=*.pt"):
+        m = re.search(r"epoch=(\d+)\.pt$", f.name)
+        if m and int(m.group(1)) > best_epoch:
+            best, best_epoch = str(f), int(m.group(1))
+    return best
+
+
+def resume_state(ckpt_dir: str | os.PathLike, resume: bool) -> str | None:
+    """Checkpoint to resume from: the latest one when ``resume`` is true, else None (and the
+    stale resume bookkeeping of an earlier training is dropped)."""
+    if not resume:
+        (Path(ckpt_dir) / "run.json").unlink(missing_ok=True)
+        return None
+    return latest_checkpoint(ckpt_dir)
+
+
+def run_name(ckpt_dir: str | os.PathLike, prefix: str, resume_from: str | None) -> str:
+    """MLflow run name: the interrupted training's name when resuming (so the same MLflow run
+    continues), else a new timestamped name, remembered in ``ckpt_dir/run.json``."""
+    import time
+
+    path = Path(ckpt_dir) / "run.json"
+    if resume_from is not None and path.is_file():
+        try:
+            return json.loads(path.read_text())["run_name"]
+        except (ValueError, KeyError):
+            pass
+    name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    save_json({"run_name": name}, path)
+    return name
