@@ -3,18 +3,19 @@
 #   make test   ruff lint + format check, then the test suite
 SHELL := /bin/bash
 PYTHON ?= python3.11
+CONSTRAINTS ?= constraints.txt
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
 .PHONY: demo test lint venv clean
 
-$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+$(VENV)/.installed: requirements.txt $(CONSTRAINTS) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "[bone3d] installing the CPU build of torch first, then the pinned requirements"
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -r requirements.txt
-	$(PIP) install -q -c constraints.txt --no-deps -e .
+	@echo "[bone3d] installing torch first (pinned by $(CONSTRAINTS)), then the pinned requirements"
+	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements.txt
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps -e .
 	$(PIP) check
 	@if $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then echo "CUDA packages were installed: check constraints.txt" >&2; exit 1; fi
 	@touch $@

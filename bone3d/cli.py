@@ -193,7 +193,9 @@ def cmd_morpho(args) -> int:
         args.inputs,
         desc="morphometry",
         unit="volume",
-        disable=len(args.inputs) < 2 and not args.progress,
+        disable=True
+        if (len(args.inputs) < 2 and not args.progress)
+        else None,  # None: off when not a terminal
     )
     for path in bar:
         img = read_volume(path, spacing=args.spacing)

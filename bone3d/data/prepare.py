@@ -80,7 +80,7 @@ def prepare(
         rng = np.random.default_rng(seed)
         ids = [f"phantom{i:03d}" for i in range(int(phantoms))]
         split_by_specimen(ids, n_val, n_test, seed)  # refuse an impossible split before any work
-        for i, sid in enumerate(tqdm(ids, desc="phantoms", disable=not progress)):
+        for i, sid in enumerate(tqdm(ids, desc="phantoms", disable=None if progress else True)):
             spec = PhantomSpec(
                 shape=tuple(phantom_shape),
                 spacing_mm=phantom_spacing_mm,
@@ -110,7 +110,7 @@ def prepare(
             raise InputError(hr_dir, "no HR volumes found")
         split_by_specimen([f.name.split(".")[0] for f in files], n_val, n_test, seed)
         windows, spacings = [], []
-        for i, f in enumerate(tqdm(files, desc="hr volumes", disable=not progress)):
+        for i, f in enumerate(tqdm(files, desc="hr volumes", disable=None if progress else True)):
             sid = f.name.split(".")[0]
             hr = read_volume(f, spacing=hr_spacing)
             lo, hi = _two_class_means(hr.data[0].numpy().astype(np.float32))
@@ -166,7 +166,7 @@ def _pairs(csv_path: Path, out: Path, progress: bool):
     if not rows or not {"specimen", "lr", "hr"} <= set(rows[0]):
         raise InputError(csv_path, "expected columns specimen,lr,hr")
     items, lr_w, hr_w, spacings = [], [], [], []
-    for row in tqdm(rows, desc="pairs", disable=not progress):
+    for row in tqdm(rows, desc="pairs", disable=None if progress else True):
         lr_path = (csv_path.parent / row["lr"]).resolve()
         hr_path = (csv_path.parent / row["hr"]).resolve()
         lr, hr = read_volume(lr_path), read_volume(hr_path)
