@@ -121,3 +121,25 @@ def prepare_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):
     if target is not None:
         target = target[tio.DATA].to(device=device, non_blocking=non_blocking)
     return image.float(), None if target is None else target.float()
+
+
+class SlabBatch:
+    """``prepare_batch`` for 2D / 2.5D training on 3D TorchIO patches of depth 2k+1.
+
+    The patch ``(B, 1, X, Y, 2k+1)`` becomes the 2D input ``(B, 2k+1, X, Y)`` (neighbouring
+    slices as channels) and the target its centre slice ``(B, 1, X, Y)``; ``k = 0`` is plain 2D.
+    """
+
+    def __init__(self, slab: int):
+        if slab < 0:
+            raise ValueError("slab half-width must be >= 0")
+        self.slab = int(slab)
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        image, target = prepare_batch(batchdata, device, non_blocking)
+        depth = image.shape[-1]
+        if depth != 2 * self.slab + 1:
+            raise ValueError(f"patch depth {depth} != 2 * slab + 1 = {2 * self.slab + 1}")
+        x = image[:, 0].permute(0, 3, 1, 2)  # (B, 2k+1, X, Y)
+        y = None if target is None else target[:, :, :, :, self.slab]
+        return x, y
