@@ -196,3 +196,32 @@ def test_slab_inferer_sees_the_right_neighbours():
     centre = SlabInferer(roi_size=(8, 8), slab=2, slices_per_batch=4)(vol, lambda x: x[:, 2:3])
     assert first[0, 0, 0, 0].tolist() == [0, 0, 0, 1, 2, 3]  # z-2, edge slices repeated
     assert centre[0, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]  # the centre channel is slice z
+
+
+def test_verify_net_in_out_and_ckpt_export(tmp_path):
+    """MONAI's bundle checks: network I/O matches metadata.json; ckpt_export scripts the net."""
+    import json
+
+    import torch
+
+    from bone3d.nets import build
+
+    models = tmp_path / "models"
+    models.mkdir()
+    net = build("unet", 3, "tiny")
+    torch.save(net.state_dict(), models / "model.pt")
+    (models / "data_meta.json").write_text(
+        json.dumps({"lr_range": [0, 1], "hr_range": [0, 1], "hr_spacing_mm": [0.05] * 3, "net_preset": "tiny"})
+    )
+    configs = f"['{BUNDLE}/configs/inference.json','{BUNDLE}/configs/3d.json']"
+    common = ["--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--config_file", configs,
+              "--bundle_root", str(BUNDLE), "--ckpt_dir", str(models)]  # fmt: skip
+    res = _run(["-m", "monai.bundle", "verify_net_in_out", "network_def", *common], cwd=tmp_path)
+    assert "data shape of network is verified with no error" in res.stdout + res.stderr
+    ts = tmp_path / "model.ts"
+    _run(["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(models / "model.pt"), *common], cwd=tmp_path)
+    scripted = torch.jit.load(str(ts))
+    x = torch.rand(1, 1, 32, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
