@@ -74,6 +74,22 @@ def test_train_then_infer_whole_volume(tmp_path):
     np.testing.assert_allclose(sr.affine, hr.affine, atol=1e-6)
     assert np.isfinite(sr.data.numpy()).all()
 
+    # evaluate.json: the trained model on the held-out test split, summary CSV and an MLflow run
+    ev = tmp_path / "eval"
+    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/evaluate.json','{BUNDLE}/configs/3d.json']"
+    _run(
+        ["-m", "monai.bundle", "run", "--config_file", configs, "--tracking", "mlflow",
+         "--bundle_root", str(BUNDLE), "--datalist", str(datalist), "--ckpt_dir", str(models),
+         "--output_dir", str(ev), "--tracking_uri", f"sqlite:///{db}", "--net_preset", "tiny",
+         "--patch_size", "[32,32,32]"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    rows = dict(line.split(",") for line in (ev / "metrics.csv").read_text().splitlines())
+    assert set(rows) == {"test_psnr", "test_ssim", "test_bvtv_abs_error"}
+    assert all(np.isfinite(float(v)) for v in rows.values())
+    eval_runs = [r for r in client.search_runs([exp.experiment_id]) if "-eval-" in r.info.run_name]
+    assert len(eval_runs) == 1 and "test_psnr" in eval_runs[0].data.metrics
+
 
 def test_metadata_verifies_offline(tmp_path):
     res = subprocess.run(
@@ -211,7 +227,14 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path):
     net = build("unet", 3, "tiny")
     torch.save(net.state_dict(), models / "model.pt")
     (models / "data_meta.json").write_text(
-        json.dumps({"lr_range": [0, 1], "hr_range": [0, 1], "hr_spacing_mm": [0.05] * 3, "net_preset": "tiny"})
+        json.dumps(
+            {
+                "lr_range": [0, 1],
+                "hr_range": [0, 1],
+                "hr_spacing_mm": [0.05] * 3,
+                "net_preset": "tiny",
+            }
+        )
     )
     configs = f"['{BUNDLE}/configs/inference.json','{BUNDLE}/configs/3d.json']"
     common = ["--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--config_file", configs,
@@ -219,7 +242,20 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path):
     res = _run(["-m", "monai.bundle", "verify_net_in_out", "network_def", *common], cwd=tmp_path)
     assert "data shape of network is verified with no error" in res.stdout + res.stderr
     ts = tmp_path / "model.ts"
-    _run(["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(models / "model.pt"), *common], cwd=tmp_path)
+    _run(
+        [
+            "-m",
+            "monai.bundle",
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            str(ts),
+            "--ckpt_file",
+            str(models / "model.pt"),
+            *common,
+        ],
+        cwd=tmp_path,
+    )
     scripted = torch.jit.load(str(ts))
     x = torch.rand(1, 1, 32, 32, 32)
     net.eval()
