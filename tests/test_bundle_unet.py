@@ -261,3 +261,43 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path):
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x))
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_on_cpu(tmp_path):
+    """torchrun --nproc_per_node=2 with gloo: ranks train on different specimens (DistributedSampler
+    over subjects), validation is shared, rank 0 alone logs to MLflow and saves checkpoints."""
+    import json
+
+    datalist = prepare(
+        tmp_path / "data", phantoms=4, preset="hrpqct", phantom_shape=(48, 48, 48), progress=False
+    )
+    assert len(datalist_items(datalist, "training")) == 2
+    models, runs, db = tmp_path / "models", tmp_path / "runs", tmp_path / "mlruns.db"
+    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json','{BUNDLE}/configs/multi_gpu_train.json']"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    res = subprocess.run(
+        [
+            str(torchrun), "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file", configs,
+            "--tracking", "mlflow", "--bundle_root", str(BUNDLE), "--datalist", str(datalist),
+            "--ckpt_dir", str(models), "--output_dir", str(runs), "--tracking_uri", f"sqlite:///{db}",
+            "--net_preset", "tiny", "--patch_size", "[32,32,32]", "--max_epochs", "3",
+            "--val_interval", "1", "--samples_per_volume", "2", "--queue_length", "4",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    seen = [
+        json.loads((runs / f"specimens_rank{r}.json").read_text())["patches_per_specimen"]
+        for r in (0, 1)
+    ]
+    assert seen[0] != seen[1], seen  # each epoch the two ranks draw different specimens
+    assert set(seen[0]) | set(seen[1]) == {
+        e["specimen"] for e in datalist_items(datalist, "training")
+    }
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment_name(datalist))
+    mlruns = client.search_runs([exp.experiment_id])
+    assert len(mlruns) == 1 and "-ddp-" in mlruns[0].info.run_name  # rank 0's run, not "rank1"
+    assert len(client.get_metric_history(mlruns[0].info.run_id, "val_psnr")) == 3
+    assert (models / "model.pt").is_file() and (models / "checkpoint_epoch=3.pt").is_file()

@@ -82,33 +82,63 @@ def patch_loader(
     pre_upsample: bool = True,
     augment: bool = True,
     seed: int = 0,
+    distributed: bool = False,
 ) -> DataLoader:
-    """DataLoader over a TorchIO ``Queue`` of paired (LR, HR) training patches."""
+    """DataLoader over a TorchIO ``Queue`` of paired (LR, HR) training patches.
+
+    With ``distributed`` (an initialised ``torch.distributed`` process group), each rank's queue
+    draws its subjects through a ``DistributedSampler``, so ranks train on different specimens'
+    patches; call ``loader.dataset.subject_sampler.set_epoch(epoch)`` every epoch (the bundle's
+    multi-GPU config does).
+    """
     meta = datalist_meta(datalist)
     transform = pair_transform(meta, pre_upsample=pre_upsample)
     if augment:
         transform = tio.Compose([transform, augmentation()])
     dataset = tio.SubjectsDataset(load_subjects(datalist, "training"), transform=transform)
+    subject_sampler = None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        subject_sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
     queue = tio.Queue(
         dataset,
         max_length=queue_length,
         samples_per_volume=samples_per_volume,
         sampler=tio.UniformSampler(tuple(int(p) for p in patch_size)),
         num_workers=0,
-        shuffle_subjects=True,
+        shuffle_subjects=subject_sampler is None,
         shuffle_patches=True,
+        subject_sampler=subject_sampler,
     )
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(queue, batch_size=batch_size, num_workers=0, generator=generator)
 
 
-def volume_loader(datalist: str, split: str = "validation", *, pre_upsample: bool = True):
-    """DataLoader of whole preprocessed volumes (batch size 1) for validation."""
+def volume_loader(
+    datalist: str,
+    split: str = "validation",
+    *,
+    pre_upsample: bool = True,
+    distributed: bool = False,
+):
+    """DataLoader of whole preprocessed volumes (batch size 1) for validation.
+
+    With ``distributed``, volumes are shared out over the ranks (MONAI's ``DistributedSampler``;
+    with fewer volumes than ranks some are evaluated twice, which leaves means unchanged only
+    when every volume is repeated equally: keep validation sets >= the number of ranks).
+    MONAI metrics then gather their results over all ranks.
+    """
     meta = datalist_meta(datalist)
     dataset = tio.SubjectsDataset(
         load_subjects(datalist, split), transform=pair_transform(meta, pre_upsample=pre_upsample)
     )
-    return DataLoader(dataset, batch_size=1, num_workers=0)
+    sampler = None
+    if distributed:
+        from monai.data import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=False, even_divisible=True)
+    return DataLoader(dataset, batch_size=1, num_workers=0, sampler=sampler)
 
 
 def prepare_batch(batchdata, device=None, non_blocking: bool = False, **kwargs):

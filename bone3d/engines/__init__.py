@@ -66,3 +66,38 @@ def run_name(ckpt_dir: str | os.PathLike, prefix: str, resume_from: str | None) 
     name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     save_json({"run_name": name}, path)
     return name
+
+
+class SpecimenLog:
+    """Ignite handler that records which specimens' patches each process trained on
+    (``output_dir/specimens_rank{R}.json``, written atomically at the end of training): the
+    provenance of a run, and the check that distributed ranks see different data."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.output_dir = Path(output_dir)
+        self.counts: dict[str, int] = {}
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._record)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _record(self, engine) -> None:
+        batch = engine.state.batch
+        items = batch if isinstance(batch, list) else [batch]  # MONAI may decollate the batch
+        for item in items:
+            if not isinstance(item, dict) or "specimen" not in item:
+                continue
+            ids = item["specimen"]
+            for sid in [ids] if isinstance(ids, str) else ids:
+                self.counts[str(sid)] = self.counts.get(str(sid), 0) + 1
+
+    def _write(self, engine) -> None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        save_json(
+            {"rank": rank, "patches_per_specimen": self.counts},
+            self.output_dir / f"specimens_rank{rank}.json",
+        )
