@@ -28,6 +28,7 @@ class SlabInferer(Inferer):
     ):
         super().__init__()
         self.slab = int(slab)
+        self.halo = max(1, int(slab))  # z context a slab of the stack needs (streaming)
         self.slices_per_batch = int(slices_per_batch)
         self.inner = SlidingWindowInferer(
             roi_size=list(roi_size)[:2], sw_batch_size=sw_batch_size, overlap=overlap, mode=mode

@@ -42,9 +42,23 @@ class VolumePredictor:
         data_meta: ``lr_range``, ``hr_range`` and ``hr_spacing_mm`` the model was trained with.
         device: torch device.
         pre_upsample: put the LR on the HR grid before the network (U-Net-type models).
+        stream_voxels: outputs with more voxels than this (default 64 Mi, 256 MB as float32) are
+            written slab by slab into a memory-mapped NIfTI (`bone3d.inference.stream`).
+        chunk: slices per slab when streaming.
     """
 
-    def __init__(self, network, inferer, data_meta: dict, device="cpu", pre_upsample: bool = True):
+    def __init__(
+        self,
+        network,
+        inferer,
+        data_meta: dict,
+        device="cpu",
+        pre_upsample: bool = True,
+        stream_voxels: int = 64 * 2**20,
+        chunk: int = 32,
+    ):
+        self.stream_voxels = int(stream_voxels)
+        self.chunk = int(chunk)
         self.network = network
         self.inferer = inferer
         self.meta = data_meta
@@ -67,7 +81,17 @@ class VolumePredictor:
         if Path(output_image).expanduser().resolve() == Path(input_image).expanduser().resolve():
             raise InputError(output_image, "output path equals the input path")
         lr = read_volume(input_image)
-        sr = self.predict(lr)
-        out = write_volume(sr, output_image)
-        print(f"wrote {out}: shape {tuple(sr.spatial_shape)}, spacing {tuple(sr.spacing)} mm")
+        from bone3d.data.simulate import hr_grid_for
+
+        shape, _ = hr_grid_for(lr, self.meta["hr_spacing_mm"])
+        if int(np.prod(shape)) > self.stream_voxels and str(output_image).endswith(
+            (".nii", ".nii.gz")
+        ):
+            from bone3d.inference.stream import stream_predict
+
+            out = stream_predict(self, lr, output_image, chunk=self.chunk)
+        else:
+            out = write_volume(self.predict(lr), output_image)
+        sp = tuple(round(float(v), 6) for v in self.meta["hr_spacing_mm"])
+        print(f"wrote {out}: shape {tuple(shape)}, spacing {sp} mm")
         return out

@@ -1,0 +1,162 @@
+"""Streaming whole-stack inference: the output is written slab by slab into a memory-mapped
+NIfTI, so peak memory does not grow with the output volume (a 1536 x 1536 x 1024 micro-CT stack
+is 9.7 GB as float32).
+
+The HR grid is cut into slabs of ``chunk`` slices along z. Each slab is predicted from the LR
+resampled onto the sub-grid that holds every sliding window touching the slab (for 3D models;
+the slab half-width for 2.5D ones), chosen so that MONAI places exactly the windows and Gaussian
+weights it would place on the whole volume: the streamed result equals the whole-volume result
+(up to float summation order). Windows that straddle two slabs are computed twice, the overhead
+``benchmarks/inference.py`` reports.
+
+The data go to ``.<name>.part.nii`` beside the target; a ``.nii.gz`` target is compressed in a
+streamed pass; the target appears by an atomic rename only when complete. A killed run leaves
+only the ``.part`` file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+from tqdm import tqdm
+
+from bone3d.data.patches import intensity_transform
+from bone3d.data.simulate import hr_grid_for
+from bone3d.errors import InputError
+from bone3d.io import _INPUTS, suffix_of
+
+
+def _header(shape, affine) -> nib.Nifti1Header:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(tuple(int(s) for s in shape))
+    hdr.set_data_dtype(np.float32)
+    hdr.set_qform(affine, code=1)
+    hdr.set_sform(affine, code=1)
+    hdr.set_xyzt_units("mm")
+    hdr["vox_offset"] = 352  # single-file NIfTI-1: 348-byte header + 4-byte extension flag
+    return hdr
+
+
+def _span_function(inferer, shape):
+    """(z0, z1) -> the input slices [a, b) whose prediction reproduces the whole-volume result
+    on [z0, z1) exactly.
+
+    3D sliding windows: the windows MONAI would place on the whole volume that touch [z0, z1);
+    MONAI's window grid on [a, b) is then the same grid shifted by a (window starts are multiples
+    of the scan interval, the last one clamped to the end), so every voxel of [z0, z1) gets the
+    same windows and Gaussian weights as in a whole-volume run. Slab (2.5D) inferers: the slab
+    half-width on each side.
+    """
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers import SlidingWindowInferer
+    from monai.inferers.utils import _get_scan_interval
+    from monai.utils import fall_back_tuple
+
+    nz = int(shape[2])
+    if isinstance(inferer, SlidingWindowInferer):
+        roi = fall_back_tuple(inferer.roi_size, shape)
+        if roi[2] > nz:
+            return lambda z0, z1: (0, nz)
+        ov = inferer.overlap
+        scan = _get_scan_interval(
+            tuple(shape), roi, 3, tuple(ov) if isinstance(ov, (list, tuple)) else (ov,) * 3
+        )
+        starts = np.array(sorted({s[2].start for s in dense_patch_slices(tuple(shape), roi, scan)}))
+        rz = int(roi[2])
+
+        def span(z0, z1):
+            hit = starts[(starts < z1) & (starts + rz > z0)]
+            return int(hit.min()), int(hit.max()) + rz
+
+        return span
+    halo = int(getattr(inferer, "halo", 0))
+    return lambda z0, z1: (max(0, z0 - halo), min(nz, z1 + halo))
+
+
+def stream_predict(
+    predictor,
+    lr: tio.ScalarImage,
+    output: str | os.PathLike,
+    *,
+    chunk: int = 32,
+    progress: bool = True,
+) -> Path:
+    """Predict ``lr`` with ``predictor`` (a `VolumePredictor`) slab by slab into ``output``."""
+    target = Path(output).expanduser()
+    suffix = suffix_of(target)
+    if suffix not in (".nii", ".nii.gz"):
+        raise InputError(target, "streaming writes NIfTI (.nii or .nii.gz)")
+    if target.resolve() in _INPUTS:
+        raise InputError(target, "refusing to overwrite an input volume")
+    shape, affine = hr_grid_for(lr, predictor.meta["hr_spacing_mm"])
+    span = _span_function(predictor.inferer, shape)
+    rescale = intensity_transform(predictor.meta["lr_range"], None)
+    lo, hi = predictor.meta["hr_range"]
+    hdr = _header(shape, affine)
+    offset = int(hdr["vox_offset"])
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, part = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".part.nii", dir=target.parent
+        )
+        os.close(fd)
+    except OSError as err:
+        raise InputError(target.parent, f"cannot write here: {err.strerror or err}") from None
+    part = Path(part)
+    try:
+        with open(part, "wb") as fh:
+            hdr.write_to(fh)
+            fh.write(b"\0" * (offset - fh.tell()))
+            fh.truncate(offset + int(np.prod(shape)) * 4)
+        out = np.memmap(part, dtype=np.float32, mode="r+", offset=offset, shape=shape, order="F")
+        predictor.network.eval()
+        nz = shape[2]
+        for z0 in tqdm(range(0, nz, chunk), desc="slabs", disable=None if progress else True):
+            z1 = min(nz, z0 + chunk)
+            a, b = span(z0, z1)
+            sub_affine = affine.copy()
+            sub_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * a
+            sub = tio.Resample(
+                ((shape[0], shape[1], b - a), sub_affine), image_interpolation="linear"
+            )(lr)
+            x = rescale(tio.Subject(image=sub))["image"].data[None].float().to(predictor.device)
+            with torch.no_grad():
+                y = (
+                    predictor.inferer(x, predictor.network)[0, 0, :, :, z0 - a : z1 - a]
+                    .cpu()
+                    .numpy()
+                )
+            out[:, :, z0:z1] = y * (hi - lo) + lo
+            del x, y
+        out.flush()
+        del out
+        if suffix == ".nii.gz":
+            fd, gz = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".part.nii.gz", dir=target.parent
+            )
+            os.close(fd)
+            try:
+                with open(part, "rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
+                    shutil.copyfileobj(src, dst, length=64 << 20)
+                os.replace(gz, target)
+            except BaseException:
+                Path(gz).unlink(missing_ok=True)
+                raise
+            part.unlink()
+        else:
+            os.replace(part, target)
+    except OSError as err:
+        part.unlink(missing_ok=True)
+        raise InputError(target, f"cannot write: {err.strerror or err}") from None
+    except Exception:
+        part.unlink(missing_ok=True)
+        raise
+    return target
