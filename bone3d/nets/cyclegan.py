@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bone3d.nets.blocks import ReflectPad, ResnetBlock, conv, conv_t, norm
+from bone3d.nets.pix2pixhd import _global_layers
 
 
 class ResnetGenerator(nn.Module):
@@ -26,34 +26,20 @@ class ResnetGenerator(nn.Module):
         norm_kind: str = "instance",
     ):
         super().__init__()
-        d = spatial_dims
-        bias = norm_kind != "batch"
-        layers: list[nn.Module] = [
-            ReflectPad(d, 3),
-            conv(d, in_channels, ngf, 7, padding=0, bias=bias),
-            norm(d, norm_kind, ngf),
-            nn.ReLU(True),
-        ]
-        for i in range(n_downsampling):
-            m = 2**i
-            layers += [
-                conv(d, ngf * m, ngf * m * 2, 3, stride=2, padding=1, bias=bias),
-                norm(d, norm_kind, ngf * m * 2),
-                nn.ReLU(True),
-            ]
-        m = 2**n_downsampling
-        layers += [ResnetBlock(d, ngf * m, norm_kind, bias=bias) for _ in range(n_blocks)]
-        for i in range(n_downsampling):
-            m = 2 ** (n_downsampling - i)
-            layers += [
-                conv_t(
-                    d, ngf * m, ngf * m // 2, 3, stride=2, padding=1, output_padding=1, bias=bias
-                ),
-                norm(d, norm_kind, ngf * m // 2),
-                nn.ReLU(True),
-            ]
-        layers += [ReflectPad(d, 3), conv(d, ngf, out_channels, 7, padding=0), nn.Tanh()]
-        self.model = nn.Sequential(*layers)
+        bias = norm_kind != "batch"  # the reference drops conv bias before batch norm
+        self.model = nn.Sequential(
+            *_global_layers(
+                spatial_dims,
+                in_channels,
+                out_channels,
+                ngf,
+                n_downsampling,
+                n_blocks,
+                norm_kind,
+                True,
+                bias=bias,
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

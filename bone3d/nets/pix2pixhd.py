@@ -23,26 +23,31 @@ from torch import nn
 from bone3d.nets.blocks import ReflectPad, ResnetBlock, avg_pool, conv, conv_t, norm
 
 
-def _global_layers(d, cin, cout, ngf, n_down, n_blocks, norm_kind, final: bool) -> list[nn.Module]:
+def _global_layers(
+    d, cin, cout, ngf, n_down, n_blocks, norm_kind, final: bool, bias: bool = True
+) -> list[nn.Module]:
+    """The ResNet-generator body shared by pix2pixHD's G1 and CycleGAN's generator (pix2pixHD
+    built its global generator on it): 7x7 stem, stride-2 downsamplings, ResNet blocks,
+    transposed-conv upsamplings and, with ``final``, the 7x7 tanh output."""
     layers: list[nn.Module] = [
         ReflectPad(d, 3),
-        conv(d, cin, ngf, 7, padding=0),
+        conv(d, cin, ngf, 7, padding=0, bias=bias),
         norm(d, norm_kind, ngf),
         nn.ReLU(True),
     ]
     for i in range(n_down):
         m = 2**i
         layers += [
-            conv(d, ngf * m, ngf * m * 2, 3, stride=2, padding=1),
+            conv(d, ngf * m, ngf * m * 2, 3, stride=2, padding=1, bias=bias),
             norm(d, norm_kind, ngf * m * 2),
             nn.ReLU(True),
         ]
     m = 2**n_down
-    layers += [ResnetBlock(d, ngf * m, norm_kind) for _ in range(n_blocks)]
+    layers += [ResnetBlock(d, ngf * m, norm_kind, bias=bias) for _ in range(n_blocks)]
     for i in range(n_down):
         m = 2 ** (n_down - i)
         layers += [
-            conv_t(d, ngf * m, ngf * m // 2, 3, stride=2, padding=1, output_padding=1),
+            conv_t(d, ngf * m, ngf * m // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
             norm(d, norm_kind, ngf * m // 2),
             nn.ReLU(True),
         ]
