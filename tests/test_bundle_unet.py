@@ -59,6 +59,13 @@ def test_train_then_infer_whole_volume(tmp_path):
     for key in ("val_psnr", "val_ssim", "val_bvtv_abs_error"):
         hist = client.get_metric_history(run.info.run_id, key)
         assert len(hist) == 2, key
+    # artifacts: the executed config and, per validation, a slice figure and the metrics JSON
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "validation/epoch_0002")}
+    assert logged == {
+        "validation/epoch_0002/validation_slices.png",
+        "validation/epoch_0002/validation_metrics.json",
+    }
+    assert (tmp_path / "runs" / "validation_slices.png").is_file()
 
     # whole-volume inference through the CLI: HR shape, spacing and affine
     test = datalist_items(datalist, "test")[0]

@@ -101,3 +101,96 @@ class SpecimenLog:
             {"rank": rank, "patches_per_specimen": self.counts},
             self.output_dir / f"specimens_rank{rank}.json",
         )
+
+
+class ValidationArtifacts:
+    """Attach to the trainer: after each validation, save a PNG of the middle slices of the last
+    validation volume (LR input on the HR grid | prediction | HR) and the validation metrics as
+    JSON in ``output_dir``; when MLflow tracking is on, log both as artifacts of the run.
+
+    ``evaluator`` is the validation engine; ``tracking_uri``/``experiment_name``/``run_name``
+    identify the MLflow run the bundle's MLflow handlers write to.
+    """
+
+    def __init__(
+        self,
+        evaluator,
+        output_dir,
+        tracking_uri=None,
+        experiment_name=None,
+        run_name=None,
+        enabled_tracking: bool = False,
+    ):
+        self.evaluator = evaluator
+        self.output_dir = Path(output_dir)
+        self.tracking = (tracking_uri, experiment_name, run_name) if enabled_tracking else None
+        self.last = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        self.evaluator.add_event_handler(Events.ITERATION_COMPLETED, self._keep)
+        self.evaluator.add_event_handler(Events.COMPLETED, self._save)
+
+    def _keep(self, evaluator) -> None:
+        out = evaluator.state.output
+        item = out[0] if isinstance(out, list) else out
+        if isinstance(item, dict) and all(k in item for k in ("image", "pred", "label")):
+            self.last = {
+                k: item[k].detach().cpu().float().numpy() for k in ("image", "pred", "label")
+            }
+
+    def _save(self, evaluator) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        if self.last is None:
+            return
+        epoch = int(getattr(evaluator.state, "epoch", 0))
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+        for ax, (title, key) in zip(
+            axes, [("LR (input)", "image"), ("SR", "pred"), ("HR", "label")], strict=True
+        ):
+            vol = np.squeeze(self.last[key])
+            sl = vol[:, :, vol.shape[2] // 2] if vol.ndim == 3 else vol
+            ax.imshow(sl.T, cmap="gray", vmin=0, vmax=1, origin="lower")
+            ax.set_title(title)
+            ax.axis("off")
+        fig.tight_layout()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        png = self.output_dir / "validation_slices.png"
+        tmp = png.with_name(".validation_slices.part.png")
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        os.replace(tmp, png)
+        metrics = save_json(
+            {
+                k: float(v)
+                for k, v in evaluator.state.metrics.items()
+                if isinstance(v, (int, float))
+            },
+            self.output_dir / "validation_metrics.json",
+        )
+        if self.tracking is not None:
+            import mlflow
+
+            uri, exp_name, run_name = self.tracking
+            client = mlflow.MlflowClient(uri)
+            exp = client.get_experiment_by_name(exp_name)
+            runs = (
+                []
+                if exp is None
+                else client.search_runs(
+                    [exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'"
+                )
+            )
+            if runs:
+                client.log_artifact(
+                    runs[0].info.run_id, str(png), artifact_path=f"validation/epoch_{epoch:04d}"
+                )
+                client.log_artifact(
+                    runs[0].info.run_id, str(metrics), artifact_path=f"validation/epoch_{epoch:04d}"
+                )
