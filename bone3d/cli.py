@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from bone3d.errors import InputError
+from bone3d.io import write_json
 
 
 def _positive_int(text: str) -> int:
@@ -20,12 +21,6 @@ def _positive_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
     return value
-
-
-def _write_json(path: str | os.PathLike, obj) -> Path:
-    from bone3d.engines import save_json
-
-    return save_json(obj, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +74,7 @@ def cmd_simulate(args) -> int:
         if args.record
         else out.with_name(out.name.split(".")[0] + ".degradation.json")
     )
-    _write_json(sidecar, record)
+    write_json(record, sidecar)
     sp = tuple(round(float(s), 6) for s in d.image.spacing)
     print(f"wrote {out}: shape {tuple(d.image.spatial_shape)}, spacing {sp} mm; record {sidecar}")
     return 0
@@ -225,7 +220,7 @@ def cmd_morpho(args) -> int:
         rows.append({"file": str(path), **res, "threshold": thr, "voi": voi_desc})
     _print_table(rows, FIELDS)
     if args.json:
-        _write_json(args.json, rows[0] if len(rows) == 1 else rows)
+        write_json(rows[0] if len(rows) == 1 else rows, args.json)
     if args.csv:
         tmp = Path(args.csv).with_name(f".{Path(args.csv).name}.part")
         with open(tmp, "w", newline="") as fh:

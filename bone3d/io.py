@@ -423,6 +423,26 @@ def write_volume(image: tio.Image, path: str | os.PathLike) -> Path:
     return target
 
 
+def write_json(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON atomically (temp file + rename); parent folders created.
+
+    NumPy scalars are written as plain numbers. Refuses paths read as inputs.
+    """
+    import json
+
+    path = Path(path).expanduser()
+    if _resolved(path) in _INPUTS:
+        raise InputError(path, "refusing to overwrite an input")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_text(json.dumps(obj, indent=2, default=float))
+        os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(path, f"cannot write: {err.strerror or err}") from None
+    return path
+
+
 def spacing_of(image: tio.Image) -> tuple[float, float, float]:
     """Voxel size (mm) along the three array axes."""
     return tuple(float(s) for s in image.spacing)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bone3d.errors import InputError
+from bone3d.io import write_json
 
 SPLITS = ("training", "validation", "test")
 PATH_KEYS = ("image", "target", "mask", "truth")
@@ -75,11 +76,7 @@ def write_datalist(path: str | os.PathLike, items: list[dict], split: dict, **me
                 v = os.path.relpath(Path(v).resolve(), root)
             entry[k] = v
         out[where[item["specimen"]]].append(entry)
-    tmp = path.with_name(f".{path.name}.part")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(out, path)
 
 
 def read_datalist(path: str | os.PathLike) -> dict:

@@ -17,7 +17,6 @@ field of view), for phantoms ``truth.nii.gz`` (binary bone truth), and ``degrada
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from bone3d.data.datalist import split_by_specimen, write_datalist
 from bone3d.data.phantom import PhantomSpec, make_phantom
 from bone3d.data.simulate import crop_to_lr_field, degrade, get_preset
 from bone3d.errors import InputError
-from bone3d.io import read_volume, write_volume
+from bone3d.io import read_volume, write_json, write_volume
 from bone3d.morphometry.thresholds import threshold_value
 
 
@@ -41,12 +40,6 @@ def _window(lo: float, hi: float) -> list[float]:
     """Intensity window [marrow - 20 % contrast, bone + 20 % contrast]."""
     c = hi - lo
     return [lo - 0.2 * c, hi + 0.2 * c]
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 def prepare(
@@ -154,7 +147,7 @@ def _write_specimen(folder: Path, sid: str, hr, degraded, *, truth=None, spec=No
         record["phantom"] = {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(spec).items()
         }
-    _write_json(folder / "degradation.json", record)
+    write_json(record, folder / "degradation.json")
     return item
 
 
