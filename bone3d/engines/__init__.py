@@ -6,15 +6,7 @@ import json
 import os
 from pathlib import Path
 
-
-def save_json(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON atomically (used by bundle configs to store the data windows)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-    return path
+from bone3d.io import write_json as save_json  # noqa: E402 - the name bundle configs call
 
 
 def tracking_enabled(save_execute_config) -> bool:
@@ -194,3 +186,21 @@ class ValidationArtifacts:
                 client.log_artifact(
                     runs[0].info.run_id, str(metrics), artifact_path=f"validation/epoch_{epoch:04d}"
                 )
+
+
+def atomic_checkpoint_saver(**kwargs):
+    """MONAI ``CheckpointSaver`` whose files are written atomically (temp file + rename).
+
+    MONAI builds ignite ``DiskSaver``s with ``atomic=False`` (for group-readable files), so a
+    training killed while saving leaves a truncated ``checkpoint_epoch=N.pt`` that the next run
+    would try to resume from. Switching the savers back to ignite's atomic mode keeps the last
+    complete checkpoint in place until the new one is whole.
+    """
+    from monai.handlers import CheckpointSaver
+
+    saver = CheckpointSaver(**kwargs)
+    for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+        cp = getattr(saver, name, None)
+        if cp is not None and hasattr(cp.save_handler, "_atomic"):
+            cp.save_handler._atomic = True  # ignite DiskSaver's own switch
+    return saver
