@@ -32,6 +32,7 @@ along each axis; the HR extent is cropped to a whole number of LR voxels.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -323,3 +324,85 @@ def crop_to_lr_field(hr: tio.Image, lr: tio.Image) -> tio.Image:
         )
     data = hr.data[:, : shape[0], : shape[1], : shape[2]].clone()
     return type(hr)(tensor=data, affine=np.asarray(hr.affine))
+
+
+@dataclass
+class ScanPair:
+    """Two independent scans of one specimen (`scan_pair`): what registration must undo.
+
+    ``truth`` maps HR physical points to LR physical points (ITK/LPS millimetres), the same
+    direction as the transform `bone3d.registration.register` returns (fixed = HR, moving = LR).
+    """
+
+    lr: tio.ScalarImage
+    hr: tio.ScalarImage
+    truth: sitk.Euler3DTransform
+    degraded: Degraded
+
+    def record(self) -> dict:
+        return {
+            **self.degraded.record(),
+            "truth": {
+                "rotation_deg": np.rad2deg(
+                    [self.truth.GetAngleX(), self.truth.GetAngleY(), self.truth.GetAngleZ()]
+                ).tolist(),
+                "shift_mm": list(self.truth.GetTranslation()),
+                "centre_mm": list(self.truth.GetCenter()),
+                "convention": "ITK Euler3D (LPS mm), maps HR physical points to LR points",
+            },
+        }
+
+
+def scan_pair(
+    specimen: tio.Image,
+    preset: str | Preset = "hrpqct",
+    *,
+    core_mm: float | Sequence[float],
+    seed: int = 0,
+    max_rotation_deg: float = 10.0,
+    max_shift_mm: float = 2.0,
+    intensity_map: tuple[float, float] | None = None,
+) -> ScanPair:
+    """Simulate an LR scan of a whole specimen and an HR scan of a core of it, in their own frames.
+
+    The LR scanner images all of ``specimen`` (its frame is the specimen's); the HR scanner
+    images a cube of side ``core_mm`` around the specimen centre, in a frame rotated (up to
+    ``max_rotation_deg`` about each axis) and shifted (up to ``max_shift_mm`` per axis) by a
+    random rigid transform ``T``: ``HR(p) = specimen(T(p))``. So the HR core lies inside the LR
+    field, as in the vertebra and tibia studies, while the two headers disagree by ``T``.
+
+    Args:
+        specimen: HR-resolution volume of the whole specimen (mm spacing).
+        preset: LR scanner model (see `PRESETS`).
+        core_mm: side(s) of the HR field in mm.
+        seed: seeds ``T`` and the LR noise.
+        intensity_map: passed to `degrade`.
+    """
+    check_image(specimen, "specimen")
+    src = specimen.as_sitk()
+    size = np.asarray(src.GetSize())
+    hr_sp = np.asarray(src.GetSpacing(), float)
+    core = np.broadcast_to(np.asarray(core_mm, float), (3,))
+    n = np.floor(core / hr_sp + 1e-6).astype(int)
+    if np.any(n < 8) or np.any(n > size):
+        raise InputError("core_mm", f"core of {n.tolist()} voxels does not fit {size.tolist()}")
+    rng = np.random.default_rng(seed)
+    angles = rng.uniform(-max_rotation_deg, max_rotation_deg, 3)
+    shift = rng.uniform(-max_shift_mm, max_shift_mm, 3)
+    centre = np.asarray(src.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    truth = sitk.Euler3DTransform()
+    truth.SetCenter(centre.tolist())
+    truth.SetRotation(*np.deg2rad(angles).tolist())
+    truth.SetTranslation(shift.tolist())
+    # the HR grid centre q maps to the specimen centre: R (q - c) + c + t = c
+    rot = np.asarray(truth.GetMatrix()).reshape(3, 3)
+    q = centre - rot.T @ shift
+    direction = np.asarray(src.GetDirection()).reshape(3, 3)
+    ref = sitk.Image([int(v) for v in n], sitk.sitkFloat32)
+    ref.SetSpacing(hr_sp.tolist())
+    ref.SetDirection(src.GetDirection())
+    ref.SetOrigin((q - direction @ ((n - 1) / 2.0 * hr_sp)).tolist())
+    src = sitk.Cast(src, sitk.sitkFloat32)
+    hr = sitk.Resample(src, ref, truth, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+    d = degrade(specimen, preset, seed=seed, intensity_map=intensity_map)
+    return ScanPair(lr=d.image, hr=tio.ScalarImage.from_sitk(hr), truth=truth, degraded=d)

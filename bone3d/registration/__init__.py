@@ -1,0 +1,1 @@
+"""Registration and pairing of LR and HR scans (`volume`, `qa`, `slices`, `pairing`)."""
