@@ -95,10 +95,65 @@ def cmd_prepare(args) -> int:
         phantom_shape=tuple(args.shape),
         hr_spacing=args.hr_spacing,
         misalign=args.misalign,
+        register=args.register,
     )
     data = json.loads(path.read_text())
     counts = ", ".join(f"{k} {len(data[k])}" for k in ("training", "validation", "test"))
     print(f"wrote {path} ({counts} specimens; split {data['split_hash']})")
+    return 0
+
+
+def cmd_register(args) -> int:
+    from bone3d.registration.pairing import MIN_COVERAGE, MIN_NCC
+
+    options = {
+        "type": args.type,
+        "seed": args.seed,
+        "init": args.init,
+        "min_ncc": MIN_NCC if args.min_ncc is None else args.min_ncc,
+        "min_coverage": MIN_COVERAGE if args.min_coverage is None else args.min_coverage,
+    }
+    if args.pairs:
+        if args.lr or args.hr or args.mask:
+            raise InputError("--pairs", "give either --pairs or --lr/--hr, not both")
+        from bone3d.data.prepare import prepare
+
+        path = prepare(
+            args.output,
+            pairs=args.pairs,
+            n_val=args.val,
+            n_test=args.test,
+            seed=args.seed,
+            register=True,
+            register_options=options,
+        )
+        data = json.loads(path.read_text())
+        flagged = data.get("registration", {}).get("flagged", {})
+        n = sum(len(data[k]) for k in ("training", "validation", "test"))
+        print(f"wrote {path}: {n} registered pairs, {len(flagged)} flagged and left out")
+        for sid, reasons in flagged.items():
+            print(f"  flagged {sid}: {'; '.join(reasons)}", file=sys.stderr)
+        return 0
+    if not (args.lr and args.hr):
+        raise InputError("register", "give --lr and --hr (or --pairs CSV)")
+    from bone3d.io import read_volume
+    from bone3d.registration.pairing import register_pair
+
+    hr = read_volume(args.hr)
+    lr = read_volume(args.lr)
+    mask = read_volume(args.mask, label=True) if args.mask else None
+    rec = register_pair(hr, lr, args.output, mask=mask, name=Path(args.hr).name, **options)
+    a, b = rec["similarity_before"]["ncc"], rec["similarity_after"]["ncc"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(
+        f"registered {args.lr} to {args.hr} ({rec['registration']['type']}, "
+        f"init {rec['registration']['init']}, {rec['registration']['elapsed_s']:.1f} s): "
+        f"NCC {fmt(a)} -> {fmt(b)}, HR field covered {rec['hr_covered_fraction']:.1%}; "
+        f"wrote {args.output}"
+    )
+    if not rec["accepted"]:
+        print(f"bone3d register: pair flagged: {'; '.join(rec['reasons'])}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -378,12 +433,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="where to write the degradation record (JSON)")
     p.set_defaults(func=cmd_simulate)
 
+    p = sub.add_parser(
+        "register",
+        help="register an LR scan to an HR scan (or many pairs) and write training pairs + QA",
+        description="Register LR (moving) to HR (fixed) with ANTs. OUTDIR gets transform.mat "
+        "(ANTs/ITK affine mapping HR physical points to LR physical points, LPS mm), lr.nii.gz "
+        "(LR in the HR frame at LR spacing), lr_hrgrid.nii.gz (LR on the HR grid), hr.nii.gz "
+        "(HR cropped to the common field), qa.json and qa.png. Exit code 3: the pair was "
+        "flagged by the QA thresholds. With --pairs, every row of the CSV is registered into "
+        "OUTDIR/<specimen>/ and OUTDIR/datalist.json lists the accepted pairs.",
+    )
+    p.add_argument("--lr", help="LR scan (moving)")
+    p.add_argument("--hr", help="HR scan (fixed)")
+    p.add_argument("--pairs", help="CSV with columns specimen,lr,hr (paths relative to it)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--type", default="rigid", choices=["rigid", "affine"])
+    p.add_argument("--init", default="auto", choices=["auto", "com", "search"])
+    p.add_argument("--mask", help="binary mask on the HR grid restricting the metric")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-ncc", type=float, help="flag pairs below this correlation (0.5)")
+    p.add_argument("--min-coverage", type=float, help="flag pairs below this HR coverage (0.5)")
+    p.add_argument("--val", type=_positive_int, default=1, help="--pairs: validation specimens")
+    p.add_argument("--test", type=_positive_int, default=1, help="--pairs: test specimens")
+    p.set_defaults(func=cmd_register)
+
     p = sub.add_parser("prepare", help="make LR/HR pairs and a datalist.json split by specimen")
     p.add_argument("-o", "--output", required=True, help="dataset folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--phantoms", type=_positive_int, help="number of phantom specimens")
     src.add_argument("--hr-dir", help="folder of HR volumes, one specimen each")
     src.add_argument("--pairs", help="CSV with columns specimen,lr,hr of aligned pairs")
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="--pairs: register each pair first (as bone3d register --pairs; flagged pairs "
+        "are left out)",
+    )
     p.add_argument("--preset", default="hrpqct", choices=sorted(PRESETS))
     p.add_argument("--val", type=_positive_int, default=1, help="validation specimens")
     p.add_argument("--test", type=_positive_int, default=1, help="test specimens")

@@ -155,3 +155,57 @@ def test_non_overlapping_fields_are_flagged(specimen, tmp_path):
     rec = register_pair(pair.hr, lr_cut, tmp_path / "cut", name="cut")
     assert not rec["accepted"]
     assert rec["reasons"]
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: one pair, and many pairs into a datalist
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_scans(specimen, folder, seed, lr_from=None):
+    from bone3d.io import write_volume
+
+    pair = scan_pair(specimen, "hrpqct", core_mm=3.2, seed=seed)
+    lr = pair.lr if lr_from is None else scan_pair(lr_from, "hrpqct", core_mm=3.2, seed=seed).lr
+    return write_volume(lr, folder / f"lr{seed}.nii.gz"), write_volume(
+        pair.hr, folder / f"hr{seed}.nii.gz"
+    )
+
+
+def test_cli_register_one_pair(specimen, tmp_path, capsys):
+    from bone3d.cli import main
+
+    lr, hr = _write_scans(specimen, tmp_path, 7)
+    before = lr.read_bytes(), hr.read_bytes()
+    assert main(["register", "--lr", str(lr), "--hr", str(hr), "-o", str(tmp_path / "out")]) == 0
+    assert "NCC" in capsys.readouterr().out
+    qa = json.loads((tmp_path / "out" / "qa.json").read_text())
+    assert qa["accepted"] and qa["registration"]["type"] == "rigid"
+    assert (lr.read_bytes(), hr.read_bytes()) == before  # inputs untouched
+
+
+def test_cli_register_pairs_writes_datalist_and_leaves_flagged_out(specimen, tmp_path, capsys):
+    from bone3d.cli import main
+
+    other = make_phantom(shape=(160, 160, 160), spacing_mm=0.04, tb_th_mm=0.12, seed=42).image
+    rows = ["specimen,lr,hr"]
+    for seed in (1, 2, 3):
+        lr, hr = _write_scans(specimen, tmp_path, seed)
+        rows.append(f"s{seed},{lr.name},{hr.name}")
+    lr, hr = _write_scans(specimen, tmp_path, 4, lr_from=other)  # LR of another specimen
+    rows.append(f"bad,{lr.name},{hr.name}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "dataset"
+    code = main(["register", "--pairs", str(tmp_path / "pairs.csv"), "-o", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "flagged bad" in err
+    data = json.loads((out / "datalist.json").read_text())
+    listed = [it["specimen"] for k in ("training", "validation", "test") for it in data[k]]
+    assert sorted(listed) == ["s1", "s2", "s3"]
+    assert list(data["registration"]["flagged"]) == ["bad"]
+    from bone3d.data.datalist import datalist_items
+
+    item = datalist_items(out / "datalist.json", "training")[0]
+    lr_img, hr_img = read_volume(item["image"]), read_volume(item["target"])
+    assert crop_to_lr_field(hr_img, lr_img).spatial_shape == hr_img.spatial_shape

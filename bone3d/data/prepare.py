@@ -6,8 +6,11 @@ Sources (one of):
   specimen (BV/TV 0.08-0.30, rod fraction 0.2-0.8, anisotropy 1.0-1.6), degraded with a preset;
 * ``hr_dir``: a folder of HR volumes, one specimen each, degraded with a preset (intensities are
   mapped to HU from each volume's two-class means: marrow below / bone above the IsoData level);
-* ``pairs``: a CSV with columns ``specimen,lr,hr`` of LR/HR volumes already on one field of view
-  (the HR grid must start where the LR grid starts; register them first otherwise).
+* ``pairs``: a CSV with columns ``specimen,lr,hr`` of LR/HR volumes. Without ``register`` they
+  must already be on one field of view (the HR grid starts where the LR grid starts); with
+  ``register=True`` each pair is registered first (`bone3d.registration.pairing.register_pair`,
+  what ``bone3d register --pairs`` runs) and pairs flagged by the registration QA are left out,
+  with the reason in the log and in the datalist's ``registration.flagged``.
 
 Each specimen gets a folder with ``lr.nii.gz`` (LR, HU), ``hr.nii.gz`` (HR cropped to the LR
 field of view), for phantoms ``truth.nii.gz`` (binary bone truth), and ``degradation.json``
@@ -58,6 +61,8 @@ def prepare(
     misalign: bool = False,
     name: str | None = None,
     progress: bool = True,
+    register: bool = False,
+    register_options: dict | None = None,
 ) -> Path:
     """Build the dataset under ``out_dir`` and return the path of its ``datalist.json``."""
     sources = [bool(phantoms), hr_dir is not None, pairs is not None]
@@ -120,7 +125,7 @@ def prepare(
         meta["hr_spacing_mm"] = spacings[0]
         meta["name"] = name or f"{Path(hr_dir).name}-{preset}-s{seed}"
     else:
-        items, meta2 = _pairs(Path(pairs), out, progress)
+        items, meta2 = _pairs(Path(pairs), out, progress, register, register_options or {})
         meta.update(meta2)
         meta["name"] = name or f"{Path(pairs).stem}-pairs"
         meta["preset"] = None
@@ -151,18 +156,38 @@ def _write_specimen(folder: Path, sid: str, hr, degraded, *, truth=None, spec=No
     return item
 
 
-def _pairs(csv_path: Path, out: Path, progress: bool):
+def _pairs(csv_path: Path, out: Path, progress: bool, register: bool, options: dict):
     if not csv_path.is_file():
         raise InputError(csv_path, "pairs CSV not found")
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"specimen", "lr", "hr"} <= set(rows[0]):
         raise InputError(csv_path, "expected columns specimen,lr,hr")
-    items, lr_w, hr_w, spacings = [], [], [], []
+    items, lr_w, hr_w, spacings, flagged, records = [], [], [], [], {}, {}
     for row in tqdm(rows, desc="pairs", disable=None if progress else True):
         lr_path = (csv_path.parent / row["lr"]).resolve()
         hr_path = (csv_path.parent / row["hr"]).resolve()
         lr, hr = read_volume(lr_path), read_volume(hr_path)
+        if register:
+            from bone3d.registration.pairing import register_pair
+
+            rec = register_pair(hr, lr, out / row["specimen"], name=row["specimen"], **options)
+            records[row["specimen"]] = str(out / row["specimen"] / "qa.json")
+            if not rec["accepted"]:
+                flagged[row["specimen"]] = rec["reasons"]
+                continue
+            lr, hr_c = read_volume(rec["files"]["lr"]), read_volume(rec["files"]["hr"])
+            items.append(
+                {
+                    "specimen": row["specimen"],
+                    "image": rec["files"]["lr"],
+                    "target": rec["files"]["hr"],
+                }
+            )
+            lr_w.append(_window(*_two_class_means(lr.data[0].numpy().astype(np.float32))))
+            hr_w.append(_window(*_two_class_means(hr_c.data[0].numpy().astype(np.float32))))
+            spacings.append([float(s) for s in hr.spacing])
+            continue
         try:
             hr_c = crop_to_lr_field(hr, lr)
         except InputError as err:
@@ -179,10 +204,14 @@ def _pairs(csv_path: Path, out: Path, progress: bool):
         lr_w.append(_window(*_two_class_means(lr.data[0].numpy().astype(np.float32))))
         hr_w.append(_window(*_two_class_means(hr_c.data[0].numpy().astype(np.float32))))
         spacings.append([float(s) for s in hr.spacing])
+    if not items:
+        raise InputError(csv_path, f"no pair passed registration QA: {flagged}")
     meta = {
         "lr_range": np.mean(lr_w, axis=0).tolist(),
         "hr_range": np.mean(hr_w, axis=0).tolist(),
         "hr_spacing_mm": spacings[0],
         "hr_units": "input units",
     }
+    if register:
+        meta["registration"] = {"options": options, "qa": records, "flagged": flagged}
     return items, meta
