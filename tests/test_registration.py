@@ -28,8 +28,9 @@ def specimen():
     return make_phantom(shape=(160, 160, 160), spacing_mm=0.04, tb_th_mm=0.12, seed=1).image
 
 
-def _check_trials(records, preset):
+def _check_trials(records, preset, record_property):
     s = summary(records, BOUNDS[preset])
+    record_property(f"median_tre_lr_vox_{preset}", s["median_tre_lr_vox"])
     tre = [round(r["tre_lr_vox"], 3) for r in records]
     print(f"{preset}: median TRE {s['median_tre_lr_vox']:.3f} LR voxels, all {tre}")
     assert s["trials"] == 20
@@ -40,16 +41,17 @@ def _check_trials(records, preset):
 
 
 @pytest.mark.parametrize("preset", ["hrpqct", "mdct"])
-def test_tre_on_phantom_within_bound_in_19_of_20_trials(specimen, preset):
-    _check_trials(list(tre_trials(specimen, preset, core_mm=3.2, n=20)), preset)
+def test_tre_on_phantom_within_bound_in_19_of_20_trials(specimen, preset, record_property):
+    _check_trials(list(tre_trials(specimen, preset, core_mm=3.2, n=20)), preset, record_property)
 
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("preset", ["hrpqct", "mdct"])
-def test_tre_on_lhdl_micro_ct_within_bound_in_19_of_20_trials(shared_data, preset):
+def test_tre_on_lhdl_micro_ct_within_bound_in_19_of_20_trials(shared_data, preset, record_property):
     spec = read_volume(shared_data / LHDL)
     im = _two_class_means(spec.data[0].numpy().astype(np.float32))
-    _check_trials(list(tre_trials(spec, preset, core_mm=1.95, n=20, intensity_map=im)), preset)
+    records = list(tre_trials(spec, preset, core_mm=1.95, n=20, intensity_map=im))
+    _check_trials(records, preset, record_property)
 
 
 def test_same_seed_gives_the_same_transform_and_tre_is_zero_for_the_truth(specimen):
@@ -105,6 +107,19 @@ def test_register_pair_writes_aligned_outputs(specimen, tmp_path):
     c = np.asarray(rec["registration"]["centre_mm"])
     t = np.asarray(rec["registration"]["translation_mm"])
     assert np.allclose(tx.TransformPoint(p0), m @ (np.asarray(p0) - c) + c + t, atol=1e-6)
+
+
+def test_mask_restricts_the_metric_and_bad_masks_are_refused(specimen):
+    pair = scan_pair(specimen, "hrpqct", core_mm=3.2, seed=8)
+    m = np.zeros((1, *pair.hr.spatial_shape), np.uint8)
+    m[:, 10:70, 10:70, 10:70] = 1  # e.g. the cylindrical field of a scanner, here a box
+    mask = tio.LabelMap(tensor=m, affine=pair.hr.affine)
+    reg = register(pair.hr, pair.lr, mask=mask, seed=0)
+    assert target_registration_error(reg, pair.truth, pair.hr, pair.lr.spacing)["tre_lr_vox"] < 0.1
+    with pytest.raises(InputError, match="empty mask"):
+        register(pair.hr, pair.lr, mask=tio.LabelMap(tensor=0 * m, affine=pair.hr.affine))
+    with pytest.raises(InputError, match="not on the HR grid"):
+        register(pair.hr, pair.lr, mask=tio.LabelMap(tensor=m[:, :40], affine=pair.hr.affine))
 
 
 def test_largest_covered_box_is_fully_covered():

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torchio as tio
+from tqdm import tqdm
 
 from bone3d.data.simulate import crop_to_lr_field, lr_affine
 from bone3d.errors import InputError
@@ -119,9 +120,15 @@ def register_pair(
     """Register, resample, crop and QA one LR/HR pair into ``out_dir``; returns the QA record."""
     _check_geometry(hr, lr)
     out = Path(out_dir)
+    bar = tqdm(total=3, desc=f"register {name}".strip(), unit="step", disable=None)
+    bar.set_postfix_str(type)
     reg = register(hr, lr, type=type, mask=mask, seed=seed, init=init)
+    bar.update()
+    bar.set_postfix_str("QA")
     before = similarity(hr, lr, None)
     after = similarity(hr, lr, reg)
+    bar.update()
+    bar.set_postfix_str("resample")
     reasons: list[str] = []
     det = reg.record()["determinant"]
     if abs(math.log(max(det, 1e-12))) > math.log(MAX_SCALE):
@@ -176,6 +183,8 @@ def register_pair(
         "files": files,
     }
     write_json(record, out / "qa.json")
+    bar.update()
+    bar.close()
     if reasons:
         log.warning("pair %s flagged: %s", name or out, "; ".join(reasons))
     return record
