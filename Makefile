@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean browser
 
 $(VENV)/.installed: requirements.txt $(CONSTRAINTS) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,15 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# headless Chromium renders the evaluation report in a test; a Debian package, installed with
+# apt-get (as root, or through sudo) when it is missing
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "[bone3d] installing headless Chromium (Debian package) for the report test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: lint browser
 	$(PY) -m pytest
 
 clean:

@@ -157,6 +157,56 @@ def cmd_register(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from bone3d.evaluation.report import evaluate
+    from bone3d.io import read_volume
+
+    pred = read_volume(args.pred)
+    hr = read_volume(args.hr)
+    lr = read_volume(args.lr) if args.lr else None
+    mask = read_volume(args.mask, label=True) if args.mask else None
+    canc = read_volume(args.cancellous, label=True) if args.cancellous else None
+    data_range = args.data_range
+    if data_range is None and args.datalist:
+        from bone3d.data.datalist import datalist_meta
+
+        lo, hi = datalist_meta(args.datalist)["hr_range"]
+        data_range = float(hi - lo)
+    res = evaluate(
+        pred,
+        hr,
+        args.output,
+        lr=lr,
+        mask=mask,
+        cancellous=canc,
+        data_range=data_range,
+        threshold=args.threshold,
+        split=args.split,
+        name=args.name,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        run_id=args.run_id,
+    )
+    methods = [m for m in res["methods"] if m != "HR"]
+    print(f"data range {res['data_range']:.4g}; {res['n_blocks']} sub-VOIs")
+    print(
+        f"{'':10s}{'PSNR dB':>9s}{'SSIM':>8s}"
+        + "".join(f"{k:>16s}" for k in ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3"))
+    )
+    for m in [*methods, "HR"]:
+        im = res["image_metrics"].get(m, {}).get("voi")
+        head = f"{im['psnr_db']:9.2f}{im['ssim']:8.4f}" if im else f"{'':9s}{'':8s}"
+        v = res["voi"][m]
+        print(
+            f"{m:10s}{head}"
+            + "".join(f"{v[k]:16.4f}" for k in ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3"))
+        )
+    print(f"wrote {res['files']['html']} and metrics.json, voi_metrics.csv, PNGs in {args.output}")
+    if res.get("mlflow_run_id"):
+        print(f"logged to MLflow run {res['mlflow_run_id']} ({args.tracking_uri})")
+    return 0
+
+
 def cmd_infer(args) -> int:
     from monai.bundle import run as bundle_run
 
@@ -456,6 +506,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=_positive_int, default=1, help="--pairs: validation specimens")
     p.add_argument("--test", type=_positive_int, default=1, help="--pairs: test specimens")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="image metrics, morphometry and agreement of an SR volume vs HR (and LR), as a report",
+        description="Writes OUTDIR/metrics.json, voi_metrics.csv, slices.png, agreement.png, "
+        "slice_metrics.png and report.html (self-contained); with --tracking-uri also an MLflow "
+        "run (or --run-id: an existing run) holding the numbers and the files.",
+    )
+    p.add_argument("--pred", required=True, help="SR volume on the HR grid")
+    p.add_argument("--hr", required=True, help="HR volume (the truth)")
+    p.add_argument("--lr", help="LR input (any grid overlapping HR; resampled trilinearly)")
+    p.add_argument("--mask", help="VOI mask on the HR grid")
+    p.add_argument("--cancellous", help="cancellous-region mask on the HR grid")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--data-range", type=float, help="L for PSNR/SSIM (default: HR range in VOI)")
+    p.add_argument("--datalist", help="take the data range from this datalist's hr_range")
+    p.add_argument("--threshold", default="isodata", help="global threshold per volume")
+    p.add_argument("--split", type=int, default=2, help="sub-VOIs per axis for agreement (2)")
+    p.add_argument("--name", default="SR", help="method name in tables and MLflow")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. sqlite:///mlruns.db")
+    p.add_argument("--experiment", default="bone3d-evaluate", help="MLflow experiment")
+    p.add_argument("--run-id", help="log into this existing MLflow run")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("prepare", help="make LR/HR pairs and a datalist.json split by specimen")
     p.add_argument("-o", "--output", required=True, help="dataset folder")

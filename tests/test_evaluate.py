@@ -1,0 +1,187 @@
+"""Image metrics against scikit-image's independent implementations, and the evaluate report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torchio as tio
+from scipy import ndimage as ndi
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from bone3d.data.phantom import make_phantom
+from bone3d.data.simulate import degrade
+from bone3d.errors import InputError
+from bone3d.evaluation.image import image_metrics, psnr, ssim
+from bone3d.evaluation.report import evaluate, sub_vois
+
+
+@pytest.fixture(scope="module")
+def pair():
+    rng = np.random.default_rng(0)
+    ref = ndi.gaussian_filter(rng.random((40, 36, 30)), 2).astype(np.float32)
+    pred = (ref + rng.normal(0, 0.02, ref.shape)).astype(np.float32)
+    return pred, ref
+
+
+def test_psnr_and_ssim_match_scikit_image(pair):
+    pred, ref = pair
+    assert psnr(pred, ref, 1.0) == pytest.approx(
+        peak_signal_noise_ratio(ref, pred, data_range=1.0), abs=1e-3
+    )
+    sk = structural_similarity(
+        ref, pred, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
+    # scikit-image averages its map over the image minus a (win-1)/2 border, as does MONAI's valid map
+    assert ssim(pred, ref, 1.0) == pytest.approx(sk, abs=2e-4)
+    # data range matters and is reported
+    assert psnr(pred, ref, 2.0) == pytest.approx(psnr(pred, ref, 1.0) + 20 * np.log10(2), abs=1e-3)
+
+
+def test_region_metrics_use_only_region_voxels(pair):
+    pred, ref = pair
+    region = np.zeros(ref.shape, bool)
+    region[:20] = True
+    worse = pred.copy()
+    worse[20:] += 0.5  # damage outside the region only
+    assert psnr(worse, ref, 1.0, region) == pytest.approx(psnr(pred, ref, 1.0, region), abs=1e-4)
+    assert psnr(worse, ref, 1.0) < psnr(pred, ref, 1.0) - 5
+    mse = np.mean((pred[region] - ref[region]) ** 2)
+    assert psnr(pred, ref, 1.0, region) == pytest.approx(10 * np.log10(1.0 / mse), abs=1e-3)
+    m = image_metrics(
+        pred, ref, 1.0, region=region, cancellous=region, slice_axes=("axial", "sagittal")
+    )
+    assert m["data_range"] == 1.0
+    assert m["voi"]["slices_axial"]["psnr_db"]["n"] == ref.shape[2]
+    # axial slices hold 20/40 = 50 % region pixels: all count; sagittal slices are all-in or all-out
+    assert m["voi"]["slices_sagittal"]["ssim"]["n"] == 20
+    assert m["cancellous"]["psnr_db"] == pytest.approx(m["voi"]["psnr_db"])
+
+
+def test_image_metrics_refuse_bad_input(pair):
+    pred, ref = pair
+    with pytest.raises(InputError, match="does not match"):
+        image_metrics(pred[:-1], ref, 1.0)
+    bad = pred.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        image_metrics(bad, ref, 1.0)
+    with pytest.raises(InputError, match="positive"):
+        image_metrics(pred, ref, 0.0)
+    with pytest.raises(InputError, match="empty"):
+        image_metrics(pred, ref, 1.0, region=np.zeros(ref.shape, bool))
+
+
+def test_sub_vois_partition_the_region():
+    region = np.zeros((10, 12, 14), bool)
+    region[1:9, 2:12, 3:13] = True
+    blocks = sub_vois(region, 2)
+    assert len(blocks) == 8
+    total = np.sum([b.astype(int) for b in blocks.values()], axis=0)
+    assert np.array_equal(total, region.astype(int))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    ph = make_phantom(shape=(64, 64, 64), spacing_mm=0.04, tb_th_mm=0.12, seed=2)
+    hr = ph.image
+    lr = degrade(hr, "hrpqct", seed=0).image
+    rng = np.random.default_rng(0)
+    sra = ndi.gaussian_filter(hr.data[0].numpy(), 0.8) + rng.normal(0, 30, hr.spatial_shape)
+    sr = tio.ScalarImage(tensor=torch.from_numpy(sra[None].astype(np.float32)), affine=hr.affine)
+    out = tmp_path_factory.mktemp("evaluate")
+    uri = f"sqlite:///{out / 'mlruns.db'}"
+    res = evaluate(sr, hr, out / "report", lr=lr, tracking_uri=uri, name="blurSR")
+    return res, out / "report", uri, sr, hr
+
+
+def test_evaluate_writes_every_file_and_consistent_numbers(report):
+    res, out, _, sr, hr = report
+    for name in (
+        "metrics.json",
+        "voi_metrics.csv",
+        "slices.png",
+        "agreement.png",
+        "slice_metrics.png",
+        "report.html",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["methods"] == ["LR", "blurSR", "HR"]
+    # the JSON's PSNR is the same computation as the metric module on the same arrays
+    d = saved["data_range"]
+    expect = psnr(sr.data[0].numpy(), hr.data[0].numpy(), d)
+    assert saved["image_metrics"]["blurSR"]["voi"]["psnr_db"] == pytest.approx(expect, abs=1e-4)
+    # a mild blur of HR is closer to HR than the degraded LR, in image metrics and BV/TV
+    im = saved["image_metrics"]
+    assert im["blurSR"]["voi"]["ssim"] > im["LR"]["voi"]["ssim"]
+    bv = {m: saved["voi"][m]["bv_tv"] for m in saved["methods"]}
+    assert abs(bv["blurSR"] - bv["HR"]) < abs(bv["LR"] - bv["HR"])
+    # agreement over the 8 sub-VOIs
+    a = saved["agreement"]["blurSR"]["bv_tv"]
+    assert a["n"] == 8 and a["pearson"]["r"] > 0.9
+    rows = (out / "voi_metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 9 * 3  # header + (whole VOI + 8 blocks) x 3 methods
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "blurSR" in html
+
+
+def test_evaluate_logs_numbers_and_files_to_mlflow(report):
+    import mlflow
+
+    res, out, uri, _, _ = report
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(res["mlflow_run_id"])
+    assert run.data.metrics["eval_psnr_voi_blursr"] == pytest.approx(
+        res["image_metrics"]["blurSR"]["voi"]["psnr_db"]
+    )
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    for f in ("metrics.json", "report.html", "agreement.png", "slices.png", "voi_metrics.csv"):
+        assert f"evaluation/{f}" in names
+
+
+def test_evaluate_refuses_mismatched_grids(report, tmp_path):
+    _, _, _, sr, hr = report
+    shifted = tio.ScalarImage(tensor=sr.data[:, :-2], affine=sr.affine)
+    with pytest.raises(InputError, match="HR grid"):
+        evaluate(shifted, hr, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise AssertionError("headless Chromium is needed for this test (.ci/run installs it)")
+
+
+def test_report_html_renders_in_headless_chromium(report, tmp_path):
+    from PIL import Image
+
+    _, out, _, _, _ = report
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            (out / "report.html").resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    img = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert img.shape[0] > 1000
+    # not blank: text and figures give many dark pixels and a wide spread of grey levels
+    assert (img < 128).mean() > 0.02
+    assert img.std() > 20
