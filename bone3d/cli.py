@@ -207,6 +207,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from bone3d.evaluation.compare import compare, format_table, write_outputs
+
+    result = compare(args.tracking_uri, args.experiment)
+    print(format_table(result))
+    if args.output:
+        paths = write_outputs(result, args.output)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def cmd_infer(args) -> int:
     from monai.bundle import run as bundle_run
 
@@ -529,6 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="bone3d-evaluate", help="MLflow experiment")
     p.add_argument("--run-id", help="log into this existing MLflow run")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "compare",
+        help="methods x metrics table with statistical tests over an MLflow experiment",
+        description="Reads every run of EXPERIMENT that holds bone3d evaluate's "
+        "evaluation/voi_metrics.csv; prints PSNR, SSIM and, per morphometric parameter, the "
+        "mean absolute relative error vs HR (best marked *), with Friedman/Kruskal-Wallis and "
+        "Holm-corrected post-hoc tests; -o writes compare.json and compare.csv.",
+    )
+    p.add_argument("--tracking-uri", default="sqlite:///mlruns.db")
+    p.add_argument("--experiment", default="bone3d-evaluate")
+    p.add_argument("-o", "--output", help="folder for compare.json and compare.csv")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("prepare", help="make LR/HR pairs and a datalist.json split by specimen")
     p.add_argument("-o", "--output", required=True, help="dataset folder")

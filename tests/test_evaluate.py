@@ -185,3 +185,36 @@ def test_report_html_renders_in_headless_chromium(report, tmp_path):
     # not blank: text and figures give many dark pixels and a wide spread of grey levels
     assert (img < 128).mean() > 0.02
     assert img.std() > 20
+
+
+def test_compare_over_three_evaluated_methods(tmp_path, capsys):
+    """Three SR 'methods' of increasing blur, evaluated into one MLflow experiment, then compared."""
+    from bone3d.cli import main
+    from bone3d.evaluation.compare import compare
+
+    ph = make_phantom(shape=(48, 48, 48), spacing_mm=0.04, tb_th_mm=0.12, seed=4)
+    hr = ph.image
+    lr = degrade(hr, "hrpqct", seed=0).image
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    a = hr.data[0].numpy()
+    for name, sigma in [("sharp", 0.5), ("soft", 1.0), ("blurry", 1.8)]:
+        sra = ndi.gaussian_filter(a, sigma).astype(np.float32)
+        sr = tio.ScalarImage(tensor=torch.from_numpy(sra[None]), affine=hr.affine)
+        evaluate(sr, hr, tmp_path / name, lr=lr, tracking_uri=uri, experiment="cmp", name=name)
+    res = compare(uri, "cmp")
+    assert res["methods"] == ["LR", "evaluate-sharp", "evaluate-soft", "evaluate-blurry"]
+    assert res["paired"] is True
+    # less blur is closer to HR: the best PSNR and the best BV/TV error are the sharp method's
+    assert res["best"]["psnr_db"] == "evaluate-sharp"
+    t = res["table"]
+    assert t["evaluate-sharp"]["bv_tv_mare"] < t["evaluate-blurry"]["bv_tv_mare"]
+    # tests computed on per-VOI errors: Friedman over 4 methods, 6 Holm-corrected pairs
+    assert "friedman" in res["tests"]["bv_tv"]["errors"]
+    assert len(res["tests"]["bv_tv"]["errors"]["posthoc"]) == 6
+    assert (
+        main(["compare", "--tracking-uri", uri, "--experiment", "cmp", "-o", str(tmp_path / "c")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "evaluate-sharp" in out and "*" in out and "Friedman" in out
+    assert (tmp_path / "c" / "compare.csv").is_file()
