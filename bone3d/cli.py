@@ -218,6 +218,43 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_reader_study(args) -> int:
+    from bone3d.evaluation.reader_study import analyse_study, export_study
+
+    if args.action == "export":
+        from bone3d.io import read_volume
+
+        if not args.hr or len(args.hr) != len(args.generated or []):
+            raise InputError("--hr", "give one --generated volume for every --hr volume")
+        pairs, names = [], []
+        for h, g in zip(args.hr, args.generated, strict=True):
+            hv, gv = read_volume(h), read_volume(g)
+            pairs.append((hv.data[0].numpy(), gv.data[0].numpy()))
+            names.append(Path(h).name.split(".")[0])
+        info = export_study(pairs, args.output, n_slices=args.slices, seed=args.seed, names=names)
+        print(
+            f"wrote {info['images']} blinded images, score_sheet.csv and key.csv (keep it) "
+            f"to {args.output}; window {info['window'][0]:.4g}..{info['window'][1]:.4g}"
+        )
+        return 0
+    if not args.key or not args.sheets:
+        raise InputError("analyse", "give --key key.csv and the returned score sheets")
+    res = analyse_study(args.key, args.sheets)
+    print(f"{res['observers']} observers, {res['images']} images")
+    print(
+        f"{'criterion':12s}{'W':>8s}{'p(W)':>10s}{'med HR':>9s}{'med gen':>9s}{'U':>8s}{'p(MWU)':>10s}"
+    )
+    for crit, r in res["criteria"].items():
+        w, mw = r["kendalls_w"], r["mann_whitney"]
+        print(
+            f"{crit:12s}{w['w']:8.3f}{w['p']:10.3g}{mw['median_hr']:9.2f}"
+            f"{mw['median_generated']:9.2f}{mw['u']:8.1f}{mw['p']:10.3g}"
+        )
+    if args.output:
+        print(f"wrote {write_json(res, args.output)}")
+    return 0
+
+
 def cmd_infer(args) -> int:
     from monai.bundle import run as bundle_run
 
@@ -553,6 +590,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="bone3d-evaluate")
     p.add_argument("-o", "--output", help="folder for compare.json and compare.csv")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "reader-study",
+        help="export a blinded slice set and score sheet, or analyse returned sheets",
+        description="export: axial slices of HR and generated volumes, one window/level, random "
+        "anonymous IDs, shuffled, with score_sheet.csv (contrast 1-3; noise, sharpness, shadows, "
+        "texture 1-5) and key.csv. analyse: Kendall's W per criterion across observers and "
+        "Mann-Whitney U between HR and generated images.",
+    )
+    p.add_argument("action", choices=["export", "analyse"])
+    p.add_argument("--hr", nargs="+", help="export: HR volumes")
+    p.add_argument("--generated", nargs="+", help="export: generated volumes, same order")
+    p.add_argument("--slices", type=int, default=5, help="export: axial slices per volume")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--key", help="analyse: key.csv from the export")
+    p.add_argument("--sheets", nargs="+", help="analyse: returned score sheets, one per observer")
+    p.add_argument("-o", "--output", help="export: folder; analyse: result JSON")
+    p.set_defaults(func=cmd_reader_study)
 
     p = sub.add_parser("prepare", help="make LR/HR pairs and a datalist.json split by specimen")
     p.add_argument("-o", "--output", required=True, help="dataset folder")
