@@ -2,8 +2,9 @@
 
 phantoms -> CT degradation (``--preset``) -> datalist split by specimen -> train the 3D U-Net
 bundle (MONAI bundle run, MLflow tracking in ``./mlruns.db``) -> sliding-window inference of a
-whole held-out specimen -> BV/TV of LR (trilinear on the HR grid), SR and HR -> the numbers and a
-slice figure added to the same MLflow run -> a printed table and where everything is.
+whole held-out specimen -> `bone3d.evaluation.report.evaluate` of LR (trilinear on the HR grid),
+SR and HR (PSNR/SSIM, morphometry, agreement over sub-VOIs, figures, HTML report), logged into the
+same MLflow run -> a printed table and where everything is.
 """
 
 from __future__ import annotations
@@ -31,37 +32,6 @@ def _banner(step: int, text: str) -> None:
     print(f"\n[bone3d demo] step {step}/5: {text}", flush=True)
 
 
-def _psnr(x: np.ndarray, ref: np.ndarray, data_range: float) -> float:
-    """PSNR in dB with the stated data range (the HR window width), via MONAI's PSNRMetric."""
-    import torch
-    from monai.metrics import PSNRMetric
-
-    m = PSNRMetric(max_val=data_range)
-    return float(m(torch.from_numpy(x)[None, None], torch.from_numpy(ref)[None, None]).item())
-
-
-def _figure(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray, window, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    z = hr.shape[2] // 2
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    for ax, (name, vol) in zip(
-        axes, [("LR (trilinear)", lr), ("SR (U-Net)", sr), ("HR", hr)], strict=True
-    ):
-        ax.imshow(vol[:, :, z].T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower")
-        ax.set_title(name)
-        ax.axis("off")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.part.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from bone3d.data.datalist import datalist_items, datalist_meta, experiment_name
     from bone3d.data.patches import to_hr_grid
     from bone3d.data.prepare import prepare
-    from bone3d.engines import save_json
     from bone3d.io import read_volume, write_volume
-    from bone3d.morphometry import morphometry, segment
 
     t0 = time.time()
     out = Path(args.out)
@@ -117,72 +85,56 @@ def main(argv: list[str] | None = None) -> int:
         output_image=str(sr_path),
     )
 
-    _banner(4, "morphometry (ImageJ IsoData per volume, BoneJ conventions) of LR, SR and HR")
+    _banner(4, "evaluation of LR (trilinear), SR and HR: image metrics, morphometry, agreement")
+    import mlflow
+
+    from bone3d.evaluation.report import evaluate
+
     lr_img, hr_img, sr_img = (
         read_volume(test["image"]),
         read_volume(test["target"]),
         read_volume(sr_path),
     )
     lr_up = to_hr_grid(meta["hr_spacing_mm"])(tio.Subject(image=lr_img))["image"]
-    lr_hr_units = (lr_up.data[0].numpy() - meta["lr_range"][0]) / np.ptp(meta["lr_range"]) * np.ptp(
-        meta["hr_range"]
-    ) + meta["hr_range"][0]
     lr_up_path = write_volume(
         tio.ScalarImage(tensor=lr_up.data.float(), affine=lr_up.affine),
         out / f"{test['specimen']}_lr_trilinear.nii.gz",
     )
-    hr = hr_img.data[0].numpy().astype(np.float32)
-    sr = sr_img.data[0].numpy().astype(np.float32)
     truth = (
         read_volume(test["truth"], label=True).data[0].numpy().astype(bool)
         if test.get("truth")
         else None
     )
-    rows = {}
-    data_range = float(np.ptp(meta["hr_range"]))
-    sp = tuple(float(v) for v in hr_img.spacing)
-    for name, vol in [("LR (trilinear)", lr_hr_units), ("SR (U-Net)", sr), ("HR", hr)]:
-        bone, t = segment(vol, "isodata")
-        m = morphometry(bone, sp, metrics=("bv_tv", "tb_th", "tb_sp", "connectivity", "da"))
-        rows[name] = {k: m[k] for k in MORPHO}
-        rows[name]["threshold"] = t
-        rows[name]["psnr_db"] = (
-            _psnr(vol.astype(np.float32), hr, data_range) if name != "HR" else None
-        )
-    for r in rows.values():
-        for k in MORPHO:
-            ref = rows["HR"][k]
-            r[f"{k}_rel_error"] = None if not ref else abs(r[k] - ref) / abs(ref)
-    fig = _figure(lr_hr_units, sr, hr, meta["hr_range"], out / "slices.png")
-    results = {
-        "specimen": test["specimen"],
-        "hr_spacing_mm": meta["hr_spacing_mm"],
-        "psnr_data_range": data_range,
-        "threshold": "ImageJ IsoData, per volume",
-        "truth_bv_tv": None if truth is None else float(truth.mean()),
-        "rows": rows,
-    }
-    results_path = save_json(results, out / "results.json")
-
-    _banner(5, "logging the test results into the training run")
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment_name(datalist))
     runs = client.search_runs(
         [exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'"
     )
     run_id = runs[0].info.run_id
-    keys = {"LR (trilinear)": "lr", "SR (U-Net)": "sr", "HR": "hr"}
-    for name, r in rows.items():
+    _banner(5, "the report (bone3d evaluate) logged into the training run")
+    result = evaluate(
+        sr_img,
+        hr_img,
+        out / "evaluation",
+        lr=lr_img,
+        data_range=float(np.ptp(meta["hr_range"])),
+        name="U-Net",
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+    )
+    rows = {}
+    names = {"LR": "LR (trilinear)", "U-Net": "SR (U-Net)", "HR": "HR"}
+    for m in result["methods"]:
+        r = {k: result["voi"][m][k] for k in MORPHO}
+        im = result["image_metrics"].get(m)
+        r["psnr_db"] = im["voi"]["psnr_db"] if im else None
+        rows[names[m]] = r
+    for r in rows.values():
         for k in MORPHO:
-            client.log_metric(run_id, f"test_{k}_{keys[name]}", r[k])
-            if name != "HR" and r[f"{k}_rel_error"] is not None:
-                client.log_metric(run_id, f"test_{k}_rel_error_{keys[name]}", r[f"{k}_rel_error"])
-        if name != "HR":
-            client.log_metric(run_id, f"test_psnr_{keys[name]}", r["psnr_db"])
-    client.log_artifact(run_id, str(fig))
-    client.log_artifact(run_id, str(results_path))
+            ref = rows["HR"][k]
+            r[f"{k}_rel_error"] = None if not ref else abs(r[k] - ref) / abs(ref)
+    results_path = Path(result["files"]["json"])
+    fig = Path(result["files"]["slices"])
 
     print("\n" + "=" * 72)
     print(
@@ -201,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SR volume:        {sr_path}")
     print(f"LR (trilinear):   {lr_up_path}")
     print(f"slice figure:     {fig}")
+    print(f"report:           {result['files']['html']}")
     print(f"results:          {results_path}")
     print(f"model weights:    {BUNDLE / 'models' / 'model.pt'}")
     print(f"MLflow store:     {Path('mlruns.db').resolve()} (run {run_name})")

@@ -30,7 +30,7 @@ from scipy import stats as sps
 
 from bone3d.errors import InputError
 from bone3d.evaluation import stats
-from bone3d.evaluation.report import LABELS, PARAMS
+from bone3d.evaluation.report import LABELS, PARAMS, metric_tag
 from bone3d.io import write_json
 
 
@@ -71,7 +71,7 @@ def collect(tracking_uri: str, experiment: str) -> dict:
                 continue
             mine = {r["voi"]: r for r in blocks if r["method"] == m}
             vois = sorted(set(mine) & set(hr))
-            tag = m.lower().replace(" ", "_")
+            tag = metric_tag(m)
             methods[label] = {
                 "run_id": run.info.run_id,
                 "psnr_db": run.data.metrics.get(f"eval_psnr_voi_{tag}"),

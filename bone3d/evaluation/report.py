@@ -29,6 +29,7 @@ import csv
 import html
 import itertools
 import os
+import re
 import time
 from pathlib import Path
 
@@ -241,21 +242,26 @@ Spacing {html.escape(str(result["spacing_mm"]))} mm. {html.escape(result["lr_cal
     return path
 
 
+def metric_tag(name: str) -> str:
+    """A method name as it appears in MLflow metric keys (lower case, [a-z0-9_.-])."""
+    return re.sub(r"[^a-z0-9_.-]+", "_", name.lower()).strip("_")
+
+
 def _flat_metrics(result: dict) -> dict[str, float]:
     out = {}
     for m, block in result["image_metrics"].items():
-        tag = m.lower().replace(" ", "_")
+        tag = metric_tag(m)
         for region, vals in block.items():
             if isinstance(vals, dict):
                 out[f"eval_psnr_{region}_{tag}"] = vals["psnr_db"]
                 out[f"eval_ssim_{region}_{tag}"] = vals["ssim"]
     for m, vals in result["voi"].items():
-        tag = m.lower().replace(" ", "_")
+        tag = metric_tag(m)
         for k in PARAMS:
             if vals.get(k) is not None:
                 out[f"eval_{k}_{tag}"] = vals[k]
     for m, block in result["agreement"].items():
-        tag = m.lower().replace(" ", "_")
+        tag = metric_tag(m)
         for k, a in block.items():
             if a is not None:
                 out[f"eval_{k}_r_{tag}"] = a["pearson"]["r"]
