@@ -186,6 +186,7 @@ def cmd_evaluate(args) -> int:
         tracking_uri=args.tracking_uri,
         experiment=args.experiment,
         run_id=args.run_id,
+        references=args.references,
     )
     methods = [m for m in res["methods"] if m != "HR"]
     print(f"data range {res['data_range']:.4g}; {res['n_blocks']} sub-VOIs")
@@ -204,6 +205,14 @@ def cmd_evaluate(args) -> int:
     print(f"wrote {res['files']['html']} and metrics.json, voi_metrics.csv, PNGs in {args.output}")
     if res.get("mlflow_run_id"):
         print(f"logged to MLflow run {res['mlflow_run_id']} ({args.tracking_uri})")
+    return 0
+
+
+def cmd_fit_references(args) -> int:
+    from bone3d.evaluation.references import fit_references
+
+    res = fit_references(args.datalist, args.output, steps=args.steps)
+    print(f"fitted on {res['volumes']} HR training volumes: {res['niqe_uct']}, {res['fd_bone']}")
     return 0
 
 
@@ -576,7 +585,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. sqlite:///mlruns.db")
     p.add_argument("--experiment", default="bone3d-evaluate", help="MLflow experiment")
     p.add_argument("--run-id", help="log into this existing MLflow run")
+    p.add_argument(
+        "--references", help="folder from bone3d fit-references: adds niqe_uct and fd_bone"
+    )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "fit-references",
+        help="fit niqe_uct and train the fd_bone feature network on a datalist's HR training volumes",
+    )
+    p.add_argument("--datalist", required=True)
+    p.add_argument("-o", "--output", required=True, help="folder for niqe_uct.json and fd_bone.pt")
+    p.add_argument("--steps", type=int, default=300, help="feature-network training steps")
+    p.set_defaults(func=cmd_fit_references)
 
     p = sub.add_parser(
         "compare",

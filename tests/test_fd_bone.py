@@ -53,3 +53,38 @@ def test_features_are_2p5d_and_deterministic(trained):
 def test_missing_network_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="not found"):
         FeatureExtractor(tmp_path / "none.pt")
+
+
+def test_fit_references_and_evaluate_report_them(tmp_path):
+    """fit-references on a phantom datalist's training split, then evaluate with them."""
+    import json
+
+    import torchio as tio
+
+    from bone3d.cli import main
+    from bone3d.data.datalist import datalist_items
+    from bone3d.data.prepare import prepare
+    from bone3d.evaluation.report import evaluate
+    from bone3d.io import read_volume
+
+    dl = prepare(tmp_path / "data", phantoms=4, phantom_shape=(48, 48, 48), progress=False)
+    assert (
+        main(
+            ["fit-references", "--datalist", str(dl), "-o", str(tmp_path / "ref"), "--steps", "40"]
+        )
+        == 0
+    )
+    model = json.loads((tmp_path / "ref" / "niqe_uct.json").read_text())
+    assert model["source"]["split"] == "training" and model["source"]["volumes"] == 2
+    test = datalist_items(dl, "test")[0]
+    hr = read_volume(test["target"])
+    sr = tio.ScalarImage(
+        tensor=torch.from_numpy(ndi.gaussian_filter(hr.data[0].numpy(), 1.0)[None]),
+        affine=hr.affine,
+    )
+    res = evaluate(
+        sr, hr, tmp_path / "ev", lr=read_volume(test["image"]), references=tmp_path / "ref"
+    )
+    im = res["image_metrics"]
+    assert im["SR"]["voi"]["fd_bone"] >= 0 and im["LR"]["voi"]["fd_bone"] >= 0
+    assert res["reference_metrics"]["HR"]["niqe_uct"] < res["reference_metrics"]["LR"]["niqe_uct"]

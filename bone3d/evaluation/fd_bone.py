@@ -74,8 +74,9 @@ def train_feature_net(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vols = [_norm(v, window) for v in hr_volumes]
-    if any(min(v.shape) < patch for v in vols):
-        raise InputError("hr_volumes", f"volumes must be at least {patch} voxels on every axis")
+    patch = min(patch, min(min(v.shape) for v in vols) // 8 * 8)  # small volumes: smaller patches
+    if patch < 16:
+        raise InputError("hr_volumes", "volumes must be at least 16 voxels on every axis")
     net = feature_net()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     losses = []

@@ -255,6 +255,9 @@ def _flat_metrics(result: dict) -> dict[str, float]:
             if isinstance(vals, dict):
                 out[f"eval_psnr_{region}_{tag}"] = vals["psnr_db"]
                 out[f"eval_ssim_{region}_{tag}"] = vals["ssim"]
+                for extra in ("niqe_uct", "fd_bone"):
+                    if extra in vals:
+                        out[f"eval_{extra}_{tag}"] = vals[extra]
     for m, vals in result["voi"].items():
         tag = metric_tag(m)
         for k in PARAMS:
@@ -284,6 +287,7 @@ def evaluate(
     tracking_uri: str | None = None,
     experiment: str = "bone3d-evaluate",
     run_id: str | None = None,
+    references: str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate ``pred`` against ``hr`` (and ``lr``) into ``out_dir``; returns the metrics dict."""
     t0 = time.perf_counter()
@@ -325,6 +329,26 @@ def evaluate(
         for m in methods
         if m != "HR"
     }
+    refs = {}
+    if references is not None:
+        import json
+
+        from bone3d.evaluation.fd_bone import FeatureExtractor, fd_bone
+        from bone3d.evaluation.niqe import niqe_uct
+
+        ref_dir = Path(references)
+        if not (ref_dir / "niqe_uct.json").is_file() or not (ref_dir / "fd_bone.pt").is_file():
+            raise InputError(
+                references, "expected niqe_uct.json and fd_bone.pt (bone3d fit-references)"
+            )
+        model = json.loads((ref_dir / "niqe_uct.json").read_text())
+        extractor = FeatureExtractor(ref_dir / "fd_bone.pt")
+        refs = {"folder": str(ref_dir.resolve()), "fd_bone_net_sha256": extractor.sha256}
+        for m in methods:
+            refs[m] = {"niqe_uct": niqe_uct(vols[m], model)}
+            if m != "HR":
+                refs[m]["fd_bone"] = fd_bone(vols[m], hr_a, extractor)
+                images[m]["voi"].update(refs[m])
     blocks = sub_vois(region, split)
     rows = []
     per_voi = {}
@@ -362,6 +386,7 @@ def evaluate(
         "image_metrics": images,
         "voi": per_voi,
         "agreement": agreement,
+        "reference_metrics": refs or None,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
