@@ -187,6 +187,7 @@ def cmd_evaluate(args) -> int:
         experiment=args.experiment,
         run_id=args.run_id,
         references=args.references,
+        slice_axes=tuple(dict.fromkeys(["axial", *(args.slice_axes or [])])),
     )
     methods = [m for m in res["methods"] if m != "HR"]
     print(f"data range {res['data_range']:.4g}; {res['n_blocks']} sub-VOIs")
@@ -587,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="log into this existing MLflow run")
     p.add_argument(
         "--references", help="folder from bone3d fit-references: adds niqe_uct and fd_bone"
+    )
+    p.add_argument(
+        "--slice-axes",
+        nargs="+",
+        choices=["axial", "coronal", "sagittal"],
+        help="slice-wise metrics also along these axes (axial always)",
     )
     p.set_defaults(func=cmd_evaluate)
 

@@ -218,3 +218,19 @@ def test_compare_over_three_evaluated_methods(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "evaluate-sharp" in out and "*" in out and "Friedman" in out
     assert (tmp_path / "c" / "compare.csv").is_file()
+
+
+def test_cli_evaluate_with_all_slice_axes(report, tmp_path, capsys):
+    from bone3d.cli import main
+    from bone3d.io import write_volume
+
+    _, _, _, sr, hr = report
+    p_sr = write_volume(sr, tmp_path / "sr.nii.gz")
+    p_hr = write_volume(hr, tmp_path / "hr.nii.gz")
+    args = ["evaluate", "--pred", str(p_sr), "--hr", str(p_hr), "-o", str(tmp_path / "o")]
+    assert main([*args, "--slice-axes", "coronal", "sagittal", "--split", "1"]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    block = saved["image_metrics"]["SR"]["voi"]
+    assert {"slices_axial", "slices_coronal", "slices_sagittal"} <= set(block)
+    assert block["slices_coronal"]["psnr_db"]["n"] == hr.spatial_shape[1]

@@ -288,8 +288,15 @@ def evaluate(
     experiment: str = "bone3d-evaluate",
     run_id: str | None = None,
     references: str | os.PathLike | None = None,
+    slice_axes: tuple[str, ...] = ("axial",),
 ) -> dict:
-    """Evaluate ``pred`` against ``hr`` (and ``lr``) into ``out_dir``; returns the metrics dict."""
+    """Evaluate ``pred`` against ``hr`` (and ``lr``) into ``out_dir``; returns the metrics dict.
+
+    ``slice_axes`` must include "axial" (the box plots show axial slices); add "coronal" and
+    "sagittal" for slice-wise metrics along all three axes.
+    """
+    if "axial" not in slice_axes:
+        raise InputError("slice_axes", "must include 'axial'")
     t0 = time.perf_counter()
     for img, label in ((pred, "pred"), (hr, "hr")):
         check_image(img, label)
@@ -325,7 +332,9 @@ def evaluate(
     spacing = tuple(float(s) for s in hr.spacing)
 
     images = {
-        m: image_metrics(vols[m], hr_a, data_range, region=region, cancellous=canc)
+        m: image_metrics(
+            vols[m], hr_a, data_range, region=region, cancellous=canc, slice_axes=slice_axes
+        )
         for m in methods
         if m != "HR"
     }
