@@ -79,8 +79,10 @@ def train_feature_net(
         raise InputError("hr_volumes", "volumes must be at least 16 voxels on every axis")
     net = feature_net()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    from tqdm import tqdm
+
     losses = []
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="fd_bone feature network", unit="step", disable=None):
         items = []
         for _ in range(batch):
             v = vols[rng.integers(len(vols))]

@@ -361,7 +361,10 @@ def evaluate(
     blocks = sub_vois(region, split)
     rows = []
     per_voi = {}
-    for voi_name, voi in [("voi", region), *blocks.items()]:
+    from tqdm import tqdm
+
+    vois = [("voi", region), *blocks.items()]
+    for voi_name, voi in tqdm(vois, desc="morphometry", unit="VOI", disable=None):
         for m in methods:
             vals = _morpho(vols[m], spacing, voi, threshold)
             rows.append({"voi": voi_name, "method": m, **vals})
