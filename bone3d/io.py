@@ -131,7 +131,15 @@ def _check_nifti_header(p: Path) -> None:
     """Check the *raw* NIfTI header (nibabel and ITK silently replace zero pixdim with 1)."""
     try:
         with nib.openers.ImageOpener(str(p)) as fh:
-            hdr = nib.Nifti1Header.from_fileobj(fh, check=False)
+            head = fh.read(4)
+            sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
+            if len(head) < 4 or not sizes & {348, 540}:
+                raise ValueError("not a NIfTI header (corrupt file?)")
+            fh.seek(0)
+            cls = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
+            hdr = cls.from_fileobj(fh, check=False)
+        if bytes(hdr["magic"])[:3] not in (b"n+1", b"ni1", b"n+2", b"ni2"):
+            raise ValueError(f"bad NIfTI magic {bytes(hdr['magic'])!r} (corrupt file?)")
     except Exception as err:
         raise InputError(p, f"cannot read: {_short(err)}") from None
     if hdr["sform_code"] > 0:
