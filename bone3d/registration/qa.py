@@ -41,16 +41,22 @@ def _lps_affine(image: tio.Image) -> np.ndarray:
 def coverage_mask(hr: tio.Image, lr: tio.Image, reg: Registration | None) -> np.ndarray:
     """Boolean ``(X, Y, Z)`` on the HR grid: voxel centre maps inside the LR field."""
     a_hr = _lps_affine(hr)
-    idx = np.indices(hr.spatial_shape, dtype=np.float32).reshape(3, -1)
-    pts = a_hr[:3, :3] @ idx + a_hr[:3, 3:4]
+    a_lr = np.linalg.inv(_lps_affine(lr))
+    full = a_lr @ a_hr  # HR index -> LR index when there is no registration
     if reg is not None:
         a, o = matrix_offset(reg.transform)
-        pts = a @ pts + o[:, None]
-    a_lr = np.linalg.inv(_lps_affine(lr))
-    cont = a_lr[:3, :3] @ pts + a_lr[:3, 3:4]
+        step = np.eye(4)
+        step[:3, :3], step[:3, 3] = a, o
+        full = a_lr @ step @ a_hr
     n = np.asarray(lr.spatial_shape, float)[:, None]
-    inside = np.all((cont >= -0.5) & (cont <= n - 0.5), axis=0)
-    return inside.reshape(hr.spatial_shape)
+    nx, ny, nz = hr.spatial_shape
+    out = np.zeros((nx, ny, nz), bool)
+    yz = np.indices((ny, nz), dtype=np.float64).reshape(2, -1)
+    for x in range(nx):  # one HR slice at a time: memory does not grow with the volume
+        idx = np.vstack([np.full((1, yz.shape[1]), x, np.float64), yz])
+        cont = full[:3, :3] @ idx + full[:3, 3:4]
+        out[x] = np.all((cont >= -0.5) & (cont <= n - 0.5), axis=0).reshape(ny, nz)
+    return out
 
 
 def resample_lr(
