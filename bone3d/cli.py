@@ -6,14 +6,12 @@ Every verb has ``--help``; bad input ends with one line on stderr and exit code 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 from bone3d.errors import InputError
-from bone3d.io import write_json
+from bone3d.io import write_csv, write_json
 
 
 def _positive_int(text: str) -> int:
@@ -385,23 +383,19 @@ def cmd_morpho(args) -> int:
     if args.json:
         write_json(rows[0] if len(rows) == 1 else rows, args.json)
     if args.csv:
-        tmp = Path(args.csv).with_name(f".{Path(args.csv).name}.part")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["file", *FIELDS, "spacing_mm", "threshold_method", "threshold", "voi"])
-            for r in rows:
-                vals = [json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in FIELDS]
-                w.writerow(
-                    [
-                        r["file"],
-                        *vals,
-                        json.dumps(r["spacing_mm"]),
-                        r["threshold"]["method"],
-                        r["threshold"]["value"],
-                        r["voi"],
-                    ]
-                )
-        os.replace(tmp, args.csv)
+        table = [
+            [
+                r["file"],
+                *[json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in FIELDS],
+                json.dumps(r["spacing_mm"]),
+                r["threshold"]["method"],
+                r["threshold"]["value"],
+                r["voi"],
+            ]
+            for r in rows
+        ]
+        header = ["file", *FIELDS, "spacing_mm", "threshold_method", "threshold", "voi"]
+        write_csv(table, args.csv, header)
     return 0
 
 

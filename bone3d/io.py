@@ -19,6 +19,7 @@ written to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -431,6 +432,42 @@ def write_volume(image: tio.Image, path: str | os.PathLike) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path`` (same suffix); rename it over ``path`` on success.
+
+    The one mechanism behind every non-volume writer (JSON, CSV, text, figures, transforms,
+    checkpoints of helper networks): parent folders are created, paths read as inputs are
+    refused, and a failure removes the temporary file and leaves ``path`` untouched.
+    """
+    path = Path(path).expanduser()
+    if _resolved(path) in _INPUTS:
+        raise InputError(path, "refusing to overwrite an input")
+    if path.is_dir():
+        raise InputError(path, "is a folder, expected a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(path.parent, f"cannot write here: {err.strerror or err}") from None
+    tmp = path.with_name(f".{path.stem}.part{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise InputError(path, f"cannot write: {err.strerror or err}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write UTF-8 text atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path).expanduser()
+
+
 def write_json(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON atomically (temp file + rename); parent folders created.
 
@@ -438,17 +475,37 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     """
     import json
 
-    path = Path(path).expanduser()
-    if _resolved(path) in _INPUTS:
-        raise InputError(path, "refusing to overwrite an input")
+    return write_text(json.dumps(obj, indent=2, default=float), path)
+
+
+def write_csv(rows, path: str | os.PathLike, header: Sequence[str] | None = None) -> Path:
+    """Write CSV atomically: ``rows`` are lists (with ``header``) or dicts (header = their keys)."""
+    import csv
+
+    rows = list(rows)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        if rows and isinstance(rows[0], dict):
+            w = csv.DictWriter(fh, fieldnames=list(header or rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        else:
+            w = csv.writer(fh)
+            if header is not None:
+                w.writerow(list(header))
+            w.writerows(rows)
+    return Path(path).expanduser()
+
+
+def write_figure(fig, path: str | os.PathLike, dpi: int = 90) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text(json.dumps(obj, indent=2, default=float))
-        os.replace(tmp, path)
-    except OSError as err:
-        raise InputError(path, f"cannot write: {err.strerror or err}") from None
-    return path
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path).expanduser()
 
 
 def spacing_of(image: tio.Image) -> tuple[float, float, float]:

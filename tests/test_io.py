@@ -216,3 +216,19 @@ def test_failed_write_leaves_nothing(tmp_path, rng):
 def test_make_image_rejects_bad_spacing(rng):
     with pytest.raises(InputError, match="spacing"):
         make_image(np.zeros((3, 3, 3), np.float32), spacing=(1, 0, 1))
+
+
+def test_atomic_path_leaves_target_untouched_on_failure(tmp_path):
+    import pytest
+
+    from bone3d.io import atomic_path, write_csv, write_text
+
+    target = write_text("old", tmp_path / "a.txt")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no temporary left behind
+    out = write_csv([{"a": 1, "b": 2}], tmp_path / "t.csv")
+    assert out.read_text().splitlines() == ["a,b", "1,2"]

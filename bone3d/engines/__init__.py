@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from bone3d.io import write_figure
 from bone3d.io import write_json as save_json  # noqa: E402 - the name bundle configs call
 
 
@@ -152,12 +153,7 @@ class ValidationArtifacts:
             ax.set_title(title)
             ax.axis("off")
         fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        png = self.output_dir / "validation_slices.png"
-        tmp = png.with_name(".validation_slices.part.png")
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, png)
+        png = write_figure(fig, self.output_dir / "validation_slices.png")
         metrics = save_json(
             {
                 k: float(v)

@@ -31,7 +31,7 @@ from scipy import stats as sps
 from bone3d.errors import InputError
 from bone3d.evaluation import stats
 from bone3d.evaluation.report import LABELS, PARAMS, metric_tag
-from bone3d.io import write_json
+from bone3d.io import write_csv, write_json
 
 
 def _runs(client, experiment: str):
@@ -52,6 +52,9 @@ def _voi_table(client, run_id: str) -> list[dict] | None:
 
 def collect(tracking_uri: str, experiment: str) -> dict:
     """Per method: image metrics, and per-VOI values of each parameter with the HR values."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        # MLflow would silently create an empty store here; nothing to compare in it
+        raise InputError(tracking_uri, "no such MLflow database")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
@@ -67,8 +70,10 @@ def collect(tracking_uri: str, experiment: str) -> dict:
         hr = {r["voi"]: r for r in blocks if r["method"] == "HR"}
         for m in present:
             label = "LR" if m == "LR" else name
-            if label in methods:  # LR appears in every run: keep the first
+            if label == "LR" and label in methods:  # LR appears in every run: keep the first
                 continue
+            if label in methods:  # two runs with one name stay two rows
+                label = f"{name}-{run.info.run_id[:8]}"
             mine = {r["voi"]: r for r in blocks if r["method"] == m}
             vois = sorted(set(mine) & set(hr))
             tag = metric_tag(m)
@@ -191,12 +196,6 @@ def write_outputs(result: dict, out_dir: str | os.PathLike) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_json(result, out / "compare.json")]
     cols = sorted({c for row in result["table"].values() for c in row})
-    tmp = out / ".compare.csv.part"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", *cols])
-        for n in result["methods"]:
-            w.writerow([n, *[result["table"][n].get(c) for c in cols]])
-    os.replace(tmp, out / "compare.csv")
-    paths.append(out / "compare.csv")
+    table = [[n, *[result["table"][n].get(c) for c in cols]] for n in result["methods"]]
+    paths.append(write_csv(table, out / "compare.csv", ["method", *cols]))
     return paths

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from bone3d.errors import InputError
+from bone3d.evaluation.image import slices_2p5d
+from bone3d.io import atomic_path
 
 CHANNELS = (16, 32, 64)
 
@@ -49,13 +51,12 @@ def _norm(vol, window) -> np.ndarray:
 
 
 def _slices(vol: np.ndarray, every: int) -> list[np.ndarray]:
+    """2.5D slices cropped to multiples of 8 (the encoder's three stride-2 levels)."""
     out = []
-    for axis in range(3):
-        for k in range(every // 2, vol.shape[axis], every):
-            sl = np.take(vol, k, axis=axis)
-            h, w = (s - s % 8 for s in sl.shape)
-            if h >= 16 and w >= 16:
-                out.append(sl[:h, :w])
+    for sl in slices_2p5d(vol, every):
+        h, w = (s - s % 8 for s in sl.shape)
+        if h >= 16 and w >= 16:
+            out.append(sl[:h, :w])
     return out
 
 
@@ -100,10 +101,8 @@ def train_feature_net(
         opt.step()
         losses.append(loss.item())
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.part")
-    torch.save({"state_dict": net.state_dict(), "window": [float(w) for w in window]}, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save({"state_dict": net.state_dict(), "window": [float(w) for w in window]}, tmp)
     return {"path": str(out), "steps": steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
 

@@ -27,6 +27,13 @@ SIGMA = 1.5
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
+def slices_2p5d(vol: np.ndarray, every: int):
+    """Every ``every``-th slice along each of the three axes (the 2.5D sample of a volume)."""
+    for axis in range(3):
+        for k in range(every // 2, vol.shape[axis], every):
+            yield np.take(vol, k, axis=axis)
+
+
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
 

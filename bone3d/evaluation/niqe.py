@@ -28,6 +28,7 @@ from scipy import ndimage as ndi
 from scipy.special import gamma
 
 from bone3d.errors import InputError
+from bone3d.evaluation.image import slices_2p5d
 
 _ALPHAS = np.arange(0.2, 10.0, 0.001)
 _R_GGD = gamma(1 / _ALPHAS) * gamma(3 / _ALPHAS) / gamma(2 / _ALPHAS) ** 2
@@ -128,16 +129,10 @@ def _to_u8(vol: np.ndarray, window) -> np.ndarray:
     return np.clip((np.asarray(vol, np.float64) - lo) / (hi - lo) * 255.0, 0, 255)
 
 
-def _slices(vol: np.ndarray, every: int):
-    for axis in range(3):
-        for k in range(every // 2, vol.shape[axis], every):
-            yield np.take(vol, k, axis=axis)
-
-
 def volume_features(vol, window, *, patch: int = 32, every: int = 4, select: bool) -> np.ndarray:
     """Features of slices of all three axes (every ``every``-th slice), 2.5D."""
     v = _to_u8(vol, window)
-    parts = [patch_features(sl, patch, select) for sl in _slices(v, every)]
+    parts = [patch_features(sl, patch, select) for sl in slices_2p5d(v, every)]
     parts = [p for p in parts if len(p)]
     if not parts:
         raise InputError("volume", f"no {patch}x{patch} patch fits in the slices")

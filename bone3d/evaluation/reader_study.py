@@ -31,7 +31,7 @@ from scipy import stats as sps
 
 from bone3d.errors import InputError
 from bone3d.evaluation.stats import kendalls_w
-from bone3d.io import write_json
+from bone3d.io import atomic_path, write_csv, write_json
 
 CRITERIA = {
     "contrast": (1, 3),
@@ -40,16 +40,6 @@ CRITERIA = {
     "shadows": (1, 5),
     "texture": (1, 5),
 }
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
 
 
 def export_study(
@@ -95,13 +85,12 @@ def export_study(
         source, name, z, sl = images[k]
         img_id = f"img{ids[k]}"
         grey = np.clip((sl.T[::-1] - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
-        tmp = out / "images" / f".{img_id}.part.png"
-        Image.fromarray(grey).save(tmp, format="PNG")
-        os.replace(tmp, out / "images" / f"{img_id}.png")
+        with atomic_path(out / "images" / f"{img_id}.png") as tmp:
+            Image.fromarray(grey).save(tmp, format="PNG")
         key_rows.append([img_id, source, name, z])
         sheet_rows.append([img_id] + [""] * len(CRITERIA))
-    _write_csv(out / "key.csv", ["id", "source", "volume", "slice"], key_rows)
-    _write_csv(out / "score_sheet.csv", ["id", *CRITERIA], sheet_rows)
+    write_csv(key_rows, out / "key.csv", ["id", "source", "volume", "slice"])
+    write_csv(sheet_rows, out / "score_sheet.csv", ["id", *CRITERIA])
     info = {
         "images": len(images),
         "window": [float(lo), float(hi)],
@@ -115,6 +104,8 @@ def export_study(
 
 
 def _read_sheet(path: Path, ids: list[str]) -> dict[str, dict[str, int]]:
+    if not Path(path).is_file():
+        raise InputError(path, "score sheet not found")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"id", *CRITERIA} <= set(rows[0]):
@@ -141,6 +132,8 @@ def _read_sheet(path: Path, ids: list[str]) -> dict[str, dict[str, int]]:
 
 def analyse_study(key_csv: str | os.PathLike, sheets: list[str | os.PathLike]) -> dict:
     """Kendall's W per criterion across observers; Mann-Whitney HR vs generated per criterion."""
+    if not Path(key_csv).is_file():
+        raise InputError(key_csv, "key not found")
     with open(key_csv, newline="") as fh:
         key = list(csv.DictReader(fh))
     if not key or not {"id", "source"} <= set(key[0]):

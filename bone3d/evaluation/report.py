@@ -25,7 +25,6 @@ to an MLflow run as metrics and the files as artifacts.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import itertools
 import os
@@ -39,7 +38,7 @@ import torchio as tio
 from bone3d.errors import InputError
 from bone3d.evaluation import stats
 from bone3d.evaluation.image import image_metrics
-from bone3d.io import check_image, write_json
+from bone3d.io import check_image, write_csv, write_figure, write_json, write_text
 
 PARAMS = ("bv_tv", "tb_th_mm", "tb_sp_mm", "tb_n_per_mm", "conn_d_per_mm3", "da")
 LABELS = {
@@ -89,16 +88,6 @@ def _morpho(vol, spacing, voi, threshold):
     return {k: m[k] for k in PARAMS} | {"threshold": t}
 
 
-def _png(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.stem}.part.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def _slices_figure(vols: dict[str, np.ndarray], window, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
@@ -134,7 +123,7 @@ def _slices_figure(vols: dict[str, np.ndarray], window, path: Path) -> Path:
         for ax in axes[:, col]:
             ax.axis("off")
     fig.tight_layout()
-    return _png(fig, path)
+    return write_figure(fig, path)
 
 
 def _agreement_figure(rows, methods, path: Path) -> Path:
@@ -167,7 +156,7 @@ def _agreement_figure(rows, methods, path: Path) -> Path:
         row[1].set_ylabel("method - HR")
         row[1].set_title("Bland-Altman (bias, 95 % limits)", fontsize=9)
     fig.tight_layout()
-    return _png(fig, path)
+    return write_figure(fig, path)
 
 
 def _box_figure(images: dict, path: Path) -> Path:
@@ -183,7 +172,7 @@ def _box_figure(images: dict, path: Path) -> Path:
         ax.boxplot(data, tick_labels=names)
         ax.set_title(f"axial slices: {label}")
     fig.tight_layout()
-    return _png(fig, path)
+    return write_figure(fig, path)
 
 
 def _html(result: dict, files: dict[str, Path], path: Path) -> Path:
@@ -236,10 +225,7 @@ Spacing {html.escape(str(result["spacing_mm"]))} mm. {html.escape(result["lr_cal
 <p>Every number with its convention is in metrics.json; one row per VOI and method in voi_metrics.csv.</p>
 </body></html>
 """
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(page, path)
 
 
 def metric_tag(name: str) -> str:
@@ -413,14 +399,7 @@ def evaluate(
         ),
         "slice_metrics": _box_figure(images, out / "slice_metrics.png"),
     }
-    csv_path = out / "voi_metrics.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.part")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["voi", "method", *PARAMS, "threshold"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, csv_path)
-    files["csv"] = csv_path
+    files["csv"] = write_csv(rows, out / "voi_metrics.csv", ["voi", "method", *PARAMS, "threshold"])
     result["elapsed_s"] = time.perf_counter() - t0
     result["files"] = {k: str(v) for k, v in files.items()} | {"json": str(out / "metrics.json")}
     files["html"] = _html(result, files, out / "report.html")

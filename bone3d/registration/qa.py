@@ -21,6 +21,7 @@ import ants
 import numpy as np
 import torchio as tio
 
+from bone3d.io import write_figure
 from bone3d.registration.volume import Registration, to_ants
 
 
@@ -146,10 +147,4 @@ def qa_figure(hr: tio.Image, moved: tio.Image, path: str | os.PathLike, title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.part.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return write_figure(fig, path, dpi=80)

@@ -44,7 +44,7 @@ import numpy as np
 import torchio as tio
 
 from bone3d.errors import InputError
-from bone3d.io import check_image
+from bone3d.io import atomic_path, check_image
 
 # see _ants_seed: must be set before ANTs' ITK creates its first filter
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
@@ -305,12 +305,9 @@ def register(
 
 def write_transform(transform: ants.ANTsTransform, path: str | os.PathLike) -> Path:
     """Write an ANTs/ITK transform file atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.part{path.suffix}")
-    ants.write_transform(transform, str(tmp))
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        ants.write_transform(transform, str(tmp))
+    return Path(path)
 
 
 def lps_corners(image: tio.Image) -> np.ndarray:
