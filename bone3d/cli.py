@@ -432,6 +432,29 @@ def _print_table(rows, fields) -> None:
             print(f"note ({Path(r['file']).name}): {note}")
 
 
+def cmd_tracking_server(args) -> int:
+    from bone3d import tracking
+
+    if args.action == "start":
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: binding to {args.host} exposes an unauthenticated MLflow server")
+        st = tracking.start(args.root, host=args.host, port=args.port, pg_port=args.pg_port)
+        print(f"MLflow server at {st['uri']} (PID {st['mlflow_pid']}), backend {st['backend']}")
+        print(f"artifacts in {st['artifacts']}, log {st['log']}")
+        print(f"bundle runs: --tracking mlflow --tracking_uri {st['uri']}")
+        print(f"stop with: bone3d tracking-server stop --root {args.root}")
+    elif args.action == "status":
+        print(json.dumps(tracking.status(args.root), indent=2))
+    else:
+        st = tracking.stop(args.root)
+        print(
+            f"MLflow (PID {st['mlflow_pid']}) {'stopped' if st['mlflow_stopped'] else 'STILL RUNNING'}; "
+            f"PostgreSQL (PID {st['pg_pid']}) {'stopped' if st['pg_stopped'] else 'STILL RUNNING'}"
+        )
+        return 0 if st["mlflow_stopped"] and st["pg_stopped"] else 1
+    return 0
+
+
 def cmd_models(args) -> int:
     import torch
 
@@ -672,6 +695,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="3d", help="variant config (3d, 2d, 2p5d)")
     p.add_argument("--checkpoint", help="weights (default: BUNDLE/models/model.pt)")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser(
+        "tracking-server",
+        help="start/stop a shared MLflow server on PostgreSQL (bound to 127.0.0.1)",
+    )
+    p.add_argument("action", choices=["start", "status", "stop"])
+    p.add_argument(
+        "--root", default="mlflow-server", help="folder for the database cluster, artifacts, logs"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--pg-port", type=int, help="PostgreSQL port at creation (default: a free one)")
+    p.set_defaults(func=cmd_tracking_server)
 
     p = sub.add_parser("models", help="list the network registry with presets and parameter counts")
     p.add_argument("--json", action="store_true", help="machine-readable output")
