@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from bone3d.data.datalist import datalist_items, experiment_name
 from bone3d.data.prepare import prepare
@@ -308,3 +309,72 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
     assert len(mlruns) == 1 and "-ddp-" in mlruns[0].info.run_name  # rank 0's run, not "rank1"
     assert len(client.get_metric_history(mlruns[0].info.run_id, "val_psnr")) == 3
     assert (models / "model.pt").is_file() and (models / "checkpoint_epoch=3.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_training_killed_with_sigkill_resumes(tmp_path):
+    """torchrun with two gloo ranks, SIGKILL to the whole process group once a checkpoint exists;
+    the same command resumes both ranks from rank 0's last checkpoint and continues one MLflow
+    run."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from bone3d.tracking import free_port
+
+    datalist = prepare(
+        tmp_path / "data", phantoms=4, preset="hrpqct", phantom_shape=(40, 40, 40), progress=False
+    )
+    models, runs, db = tmp_path / "models", tmp_path / "runs", tmp_path / "mlruns.db"
+    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json','{BUNDLE}/configs/multi_gpu_train.json']"
+    torchrun = Path(sys.executable).parent / "torchrun"
+
+    def cmd():
+        return [
+            str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle",
+            "run", "--config_file", configs, "--tracking", "mlflow", "--bundle_root", str(BUNDLE),
+            "--datalist", str(datalist), "--ckpt_dir", str(models), "--output_dir", str(runs),
+            "--tracking_uri", f"sqlite:///{db}", "--net_preset", "tiny", "--patch_size", "[24,24,24]",
+            "--max_epochs", "8", "--val_interval", "100", "--samples_per_volume", "2",
+            "--queue_length", "4",
+        ]  # fmt: skip
+
+    proc = subprocess.Popen(
+        cmd(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and latest_checkpoint(models) is None:
+        time.sleep(0.05)
+    # what a scheduler does to a job: SIGKILL to torchrun and both ranks (torchrun puts its
+    # workers in their own sessions, so a process-group kill would miss them)
+    family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in family)
+    killed_at = latest_checkpoint(models)
+    assert killed_at is not None, "training never saved a checkpoint"
+    assert not (models / "checkpoint_epoch=8.pt").exists(), "killed too late"
+    epoch = int(killed_at.split("epoch=")[1].split(".")[0])
+    for ckpt in models.glob("checkpoint_epoch=*.pt"):
+        torch.load(ckpt, weights_only=True)  # a temp may remain, never a partial checkpoint
+
+    res = subprocess.run(
+        cmd(), cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", timeout=400
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    log = res.stdout + res.stderr
+    assert log.count(f"Restored all variables from {killed_at}") == 2  # both ranks
+    assert f"Epoch: {epoch + 1}/8" in log and f"Epoch: {epoch}/8" not in log
+    assert (models / "checkpoint_epoch=8.pt").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment_name(datalist))
+    mlruns = client.search_runs([exp.experiment_id])
+    assert len(mlruns) == 1 and "-ddp-" in mlruns[0].info.run_name
+    steps = [m.step for m in client.get_metric_history(mlruns[0].info.run_id, "train_loss")]
+    assert max(steps) == 8
