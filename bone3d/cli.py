@@ -266,13 +266,14 @@ def cmd_reader_study(args) -> int:
 def cmd_infer(args) -> int:
     from monai.bundle import run as bundle_run
 
+    from bone3d.engines import bundle_files
     from bone3d.io import read_volume
 
     bundle = Path(args.bundle)
-    configs = [bundle / "configs" / "inference.json", bundle / "configs" / f"{args.variant}.json"]
-    for c in configs:
+    for c in (bundle / "configs" / "inference.json", bundle / "configs" / f"{args.variant}.json"):
         if not c.is_file():
             raise InputError(c, "missing bundle config")
+    files = bundle_files(bundle, "inference", args.variant)
     read_volume(args.input)  # fail fast, with a clear message, before building the network
     overrides = {
         "bundle_root": str(bundle),
@@ -287,7 +288,7 @@ def cmd_infer(args) -> int:
         raise InputError(
             bundle / "models" / "model.pt", "no trained weights: train the bundle first"
         )
-    bundle_run(config_file=[str(c) for c in configs], **overrides)
+    bundle_run(**files, **overrides)
     return 0
 
 
@@ -430,6 +431,16 @@ def _print_table(rows, fields) -> None:
     for r in rows:
         for note in r.get("notes", []):
             print(f"note ({Path(r['file']).name}): {note}")
+
+
+def cmd_export(args) -> int:
+    from bone3d.export import export_bundle
+
+    out = export_bundle(args.bundle, args.output, variant=args.variant, checkpoint=args.checkpoint)
+    print(
+        f"wrote {out}: runs with MONAI alone (python -m monai.bundle run, see its docs/README.md)"
+    )
+    return 0
 
 
 def cmd_tracking_server(args) -> int:
@@ -695,6 +706,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="3d", help="variant config (3d, 2d, 2p5d)")
     p.add_argument("--checkpoint", help="weights (default: BUNDLE/models/model.pt)")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("export", help="a trained bundle as a zip that runs in MONAI without bone3d")
+    p.add_argument("bundle", help="bundle folder (with configs/ and models/)")
+    p.add_argument("--variant", default="3d", help="variant config (3d, 2d, 2p5d)")
+    p.add_argument("-o", "--output", required=True, help="the .zip to write")
+    p.add_argument("--checkpoint", help="weights (default: the variant's models/model.pt)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "tracking-server",

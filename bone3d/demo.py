@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from bone3d.data.datalist import datalist_items, datalist_meta, experiment_name
     from bone3d.data.patches import to_hr_grid
     from bone3d.data.prepare import prepare
+    from bone3d.engines import bundle_files
     from bone3d.io import read_volume, write_volume
 
     t0 = time.time()
@@ -61,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner(2, f"training the 3D U-Net bundle for {args.epochs} epochs (MLflow: {tracking_uri})")
     run_name = f"unet-3d-demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    configs = [str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "3d.json")]
     bundle_run(
-        config_file=configs,
+        **bundle_files(BUNDLE, "train", "3d"),
         tracking="mlflow",
         datalist=str(datalist),
         max_epochs=args.epochs,
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     test = datalist_items(datalist, "test")[0]
     sr_path = out / f"{test['specimen']}_sr.nii.gz"
     bundle_run(
-        config_file=[
-            str(BUNDLE / "configs" / "inference.json"),
-            str(BUNDLE / "configs" / "3d.json"),
-        ],
+        **bundle_files(BUNDLE, "inference", "3d"),
         input_image=test["image"],
         output_image=str(sr_path),
     )

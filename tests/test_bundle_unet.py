@@ -13,7 +13,7 @@ import torch
 
 from bone3d.data.datalist import datalist_items, experiment_name
 from bone3d.data.prepare import prepare
-from bone3d.engines import latest_checkpoint
+from bone3d.engines import bundle_cli_args, latest_checkpoint
 from bone3d.io import read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +34,10 @@ def test_train_then_infer_whole_volume(tmp_path):
     )
     models = tmp_path / "models"
     db = tmp_path / "mlruns.db"
-    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json']"
+    configs = bundle_cli_args(BUNDLE, "train", "3d")
     _run(
         [
-            "-m", "monai.bundle", "run", "--config_file", configs, "--tracking", "mlflow",
+            "-m", "monai.bundle", "run", *configs, "--tracking", "mlflow",
             "--bundle_root", str(BUNDLE), "--datalist", str(datalist), "--ckpt_dir", str(models),
             "--output_dir", str(tmp_path / "runs"), "--tracking_uri", f"sqlite:///{db}",
             "--net_preset", "tiny", "--patch_size", "[32,32,32]", "--max_epochs", "2",
@@ -84,9 +84,9 @@ def test_train_then_infer_whole_volume(tmp_path):
 
     # evaluate.json: the trained model on the held-out test split, summary CSV and an MLflow run
     ev = tmp_path / "eval"
-    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/evaluate.json','{BUNDLE}/configs/3d.json']"
+    configs = bundle_cli_args(BUNDLE, "train", "evaluate", "3d")
     _run(
-        ["-m", "monai.bundle", "run", "--config_file", configs, "--tracking", "mlflow",
+        ["-m", "monai.bundle", "run", *configs, "--tracking", "mlflow",
          "--bundle_root", str(BUNDLE), "--datalist", str(datalist), "--ckpt_dir", str(models),
          "--output_dir", str(ev), "--tracking_uri", f"sqlite:///{db}", "--net_preset", "tiny",
          "--patch_size", "[32,32,32]"],
@@ -97,15 +97,6 @@ def test_train_then_infer_whole_volume(tmp_path):
     assert all(np.isfinite(float(v)) for v in rows.values())
     eval_runs = [r for r in client.search_runs([exp.experiment_id]) if "-eval-" in r.info.run_name]
     assert len(eval_runs) == 1 and "test_psnr" in eval_runs[0].data.metrics
-
-
-def test_metadata_verifies_offline(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
-         str(BUNDLE / "configs" / "metadata.json"), "--filepath", str(SCHEMA)],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
-    assert res.returncode == 0 and "metadata is verified with no error" in res.stdout + res.stderr
 
 
 def test_infer_cli_refuses_bad_input(tmp_path):
@@ -132,9 +123,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     )
     models = tmp_path / "models"
     db = tmp_path / "mlruns.db"
-    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json']"
+    configs = bundle_cli_args(BUNDLE, "train", "3d")
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--tracking", "mlflow",
+        sys.executable, "-m", "monai.bundle", "run", *configs, "--tracking", "mlflow",
         "--bundle_root", str(BUNDLE), "--datalist", str(datalist), "--ckpt_dir", str(models),
         "--output_dir", str(tmp_path / "runs"), "--tracking_uri", f"sqlite:///{db}",
         "--net_preset", "tiny", "--patch_size", "[32,32,32]", "--max_epochs", "8",
@@ -164,46 +155,6 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert max(steps) == 8  # one iteration per epoch (1 training specimen x 2 patches, batch 2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant, depth", [("2d", 1), ("2p5d", 5)])
-def test_2d_and_2p5d_variants_train_and_rebuild_the_whole_stack(tmp_path, variant, depth):
-    """2D: slices; 2.5D: a slab of 2k+1 slices as channels -> centre slice; both rebuilt into the
-    full 3D stack with the HR grid."""
-    datalist = prepare(
-        tmp_path / "data", phantoms=3, preset="hrpqct", phantom_shape=(48, 48, 48), progress=False
-    )
-    models = tmp_path / "models"
-    db = tmp_path / "mlruns.db"
-    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/{variant}.json']"
-    _run(
-        [
-            "-m", "monai.bundle", "run", "--config_file", configs, "--tracking", "mlflow",
-            "--bundle_root", str(BUNDLE), "--datalist", str(datalist), "--ckpt_dir", str(models),
-            "--output_dir", str(tmp_path / "runs"), "--tracking_uri", f"sqlite:///{db}",
-            "--net_preset", "tiny", "--patch_size", f"[32,32,{depth}]", "--max_epochs", "2",
-            "--val_interval", "1", "--samples_per_volume", "4", "--queue_length", "8",
-        ],
-        cwd=tmp_path,
-    )  # fmt: skip
-    client = mlflow.MlflowClient(f"sqlite:///{db}")
-    run = client.search_runs(
-        [client.get_experiment_by_name(experiment_name(datalist)).experiment_id]
-    )[0]
-    assert run.data.params["variant"] == variant and run.data.params["spatial_dims"] == "2"
-    assert run.data.params["slab"] == str((depth - 1) // 2)
-    assert len(client.get_metric_history(run.info.run_id, "val_psnr")) == 2
-    test = datalist_items(datalist, "test")[0]
-    out = tmp_path / "sr.nii.gz"
-    _run(
-        ["-m", "bone3d.cli", "infer", str(BUNDLE), test["image"], "-o", str(out), "--variant", variant,
-         "--checkpoint", str(models / "model.pt")],
-        cwd=tmp_path,
-    )  # fmt: skip
-    sr, hr = read_volume(out), read_volume(test["target"])
-    assert sr.spatial_shape == hr.spatial_shape
-    np.testing.assert_allclose(sr.affine, hr.affine, atol=1e-6)
-
-
 def test_slab_inferer_sees_the_right_neighbours():
     """A 'network' that returns its first input channel shows which slice each slab starts at."""
     import torch
@@ -222,55 +173,6 @@ def test_slab_inferer_sees_the_right_neighbours():
     assert centre[0, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]  # the centre channel is slice z
 
 
-def test_verify_net_in_out_and_ckpt_export(tmp_path):
-    """MONAI's bundle checks: network I/O matches metadata.json; ckpt_export scripts the net."""
-    import json
-
-    import torch
-
-    from bone3d.nets import build
-
-    models = tmp_path / "models"
-    models.mkdir()
-    net = build("unet", 3, "tiny")
-    torch.save(net.state_dict(), models / "model.pt")
-    (models / "data_meta.json").write_text(
-        json.dumps(
-            {
-                "lr_range": [0, 1],
-                "hr_range": [0, 1],
-                "hr_spacing_mm": [0.05] * 3,
-                "net_preset": "tiny",
-            }
-        )
-    )
-    configs = f"['{BUNDLE}/configs/inference.json','{BUNDLE}/configs/3d.json']"
-    common = ["--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--config_file", configs,
-              "--bundle_root", str(BUNDLE), "--ckpt_dir", str(models)]  # fmt: skip
-    res = _run(["-m", "monai.bundle", "verify_net_in_out", "network_def", *common], cwd=tmp_path)
-    assert "data shape of network is verified with no error" in res.stdout + res.stderr
-    ts = tmp_path / "model.ts"
-    _run(
-        [
-            "-m",
-            "monai.bundle",
-            "ckpt_export",
-            "network_def",
-            "--filepath",
-            str(ts),
-            "--ckpt_file",
-            str(models / "model.pt"),
-            *common,
-        ],
-        cwd=tmp_path,
-    )
-    scripted = torch.jit.load(str(ts))
-    x = torch.rand(1, 1, 32, 32, 32)
-    net.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), net(x))
-
-
 @pytest.mark.slow
 def test_ddp_two_ranks_on_cpu(tmp_path):
     """torchrun --nproc_per_node=2 with gloo: ranks train on different specimens (DistributedSampler
@@ -282,11 +184,11 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
     )
     assert len(datalist_items(datalist, "training")) == 2
     models, runs, db = tmp_path / "models", tmp_path / "runs", tmp_path / "mlruns.db"
-    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json','{BUNDLE}/configs/multi_gpu_train.json']"
+    configs = bundle_cli_args(BUNDLE, "train", "3d", "multi_gpu_train")
     torchrun = Path(sys.executable).parent / "torchrun"
     res = subprocess.run(
         [
-            str(torchrun), "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file", configs,
+            str(torchrun), "--nproc_per_node=2", "-m", "monai.bundle", "run", *configs,
             "--tracking", "mlflow", "--bundle_root", str(BUNDLE), "--datalist", str(datalist),
             "--ckpt_dir", str(models), "--output_dir", str(runs), "--tracking_uri", f"sqlite:///{db}",
             "--net_preset", "tiny", "--patch_size", "[32,32,32]", "--max_epochs", "3",
@@ -329,13 +231,13 @@ def test_ddp_training_killed_with_sigkill_resumes(tmp_path):
         tmp_path / "data", phantoms=4, preset="hrpqct", phantom_shape=(40, 40, 40), progress=False
     )
     models, runs, db = tmp_path / "models", tmp_path / "runs", tmp_path / "mlruns.db"
-    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json','{BUNDLE}/configs/multi_gpu_train.json']"
+    configs = bundle_cli_args(BUNDLE, "train", "3d", "multi_gpu_train")
     torchrun = Path(sys.executable).parent / "torchrun"
 
     def cmd():
         return [
             str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle",
-            "run", "--config_file", configs, "--tracking", "mlflow", "--bundle_root", str(BUNDLE),
+            "run", *configs, "--tracking", "mlflow", "--bundle_root", str(BUNDLE),
             "--datalist", str(datalist), "--ckpt_dir", str(models), "--output_dir", str(runs),
             "--tracking_uri", f"sqlite:///{db}", "--net_preset", "tiny", "--patch_size", "[24,24,24]",
             "--max_epochs", "8", "--val_interval", "100", "--samples_per_volume", "2",

@@ -22,6 +22,7 @@ import pytest
 from bone3d import tracking
 from bone3d.data.datalist import experiment_name
 from bone3d.data.prepare import prepare
+from bone3d.engines import bundle_cli_args
 from bone3d.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +83,10 @@ def test_bundle_run_logs_to_postgres_backed_server(server_root, tmp_path):
     datalist = prepare(
         tmp_path / "data", phantoms=3, preset="hrpqct", phantom_shape=(40, 40, 40), progress=False
     )
-    configs = f"['{BUNDLE}/configs/train.json','{BUNDLE}/configs/3d.json']"
+    configs = bundle_cli_args(BUNDLE, "train", "3d")
     res = subprocess.run(
         [
-            sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+            sys.executable, "-m", "monai.bundle", "run", *configs,
             "--tracking", "mlflow", "--tracking_uri", uri, "--bundle_root", str(BUNDLE),
             "--datalist", str(datalist), "--ckpt_dir", str(tmp_path / "models"),
             "--output_dir", str(tmp_path / "runs"), "--net_preset", "tiny",

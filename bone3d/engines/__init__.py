@@ -10,6 +10,52 @@ from bone3d.io import write_figure
 from bone3d.io import write_json as save_json  # noqa: E402 - the name bundle configs call
 
 
+def bundle_configs(bundle: str | os.PathLike, *names: str) -> list[str]:
+    """Config files for ``python -m monai.bundle run --config_file`` in merge order.
+
+    For each name (``train``, ``inference``, ``evaluate``, ``multi_gpu_train``, a variant such
+    as ``3d``): ``bundles/common/<name>_base.json`` when the bundle sits beside that shared folder, then
+    the bundle's own ``configs/<name>.json`` when it has one. Later files override earlier keys
+    (MONAI's rule), so a bundle states only what differs from the shared pipeline. An exported
+    bundle (``bone3d export``) has the shared pieces merged in and needs no ``common``.
+    """
+    bundle = Path(bundle)
+    files = []
+    for name in names:
+        for f in (
+            bundle.parent / "common" / f"{name}_base.json",
+            bundle / "configs" / f"{name}.json",
+        ):
+            if f.is_file():
+                files.append(str(f))
+    return files
+
+
+def bundle_files(bundle: str | os.PathLike, *names: str) -> dict:
+    """``config_file`` (`bundle_configs`), ``meta_file`` and ``logging_file`` for ``monai.bundle
+    run``. MONAI would look for the last two beside the *first* config file (the shared one),
+    so they are named explicitly, as MONAI model-zoo commands do."""
+    bundle = Path(bundle)
+    return {
+        "config_file": bundle_configs(bundle, *names),
+        "meta_file": str(bundle / "configs" / "metadata.json"),
+        "logging_file": str(bundle / "configs" / "logging.conf"),
+    }
+
+
+def bundle_cli_args(bundle: str | os.PathLike, *names: str) -> list[str]:
+    """`bundle_files` as ``python -m monai.bundle run`` arguments."""
+    f = bundle_files(bundle, *names)
+    return [
+        "--config_file",
+        str(f["config_file"]),
+        "--meta_file",
+        f["meta_file"],
+        "--logging_file",
+        f["logging_file"],
+    ]
+
+
 def tracking_enabled(save_execute_config) -> bool:
     """True when ``monai.bundle run --tracking mlflow`` patched the config.
 

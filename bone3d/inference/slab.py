@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, SlidingWindowInferer
+from monai.utils import convert_to_dst_type
 
 
 class SlabInferer(Inferer):
@@ -37,6 +38,9 @@ class SlabInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         if inputs.dim() != 5:
             raise ValueError(f"expected (B, C, X, Y, Z), got {tuple(inputs.shape)}")
+        meta_src = inputs
+        if hasattr(inputs, "as_tensor"):  # a MONAI MetaTensor: compute on the plain tensor
+            inputs = inputs.as_tensor()
         k = self.slab
         # replicate-pad z so every slice has a full slab (F.pad pads the last dims first)
         padded = F.pad(inputs, (k, k, 0, 0, 0, 0), mode="replicate") if k else inputs
@@ -52,4 +56,6 @@ class SlabInferer(Inferer):
                 )  # (n, 2k+1, X, Y)
                 slices.append(self.inner(x, network, *args, **kwargs))  # (n, 1, X, Y)
             outs.append(torch.cat(slices, 0).permute(1, 2, 3, 0))  # (1, X, Y, Z)
-        return torch.stack(outs)
+        out = torch.stack(outs)
+        # like MONAI's SlidingWindowInferer: a MetaTensor in, a MetaTensor (same affine) out
+        return convert_to_dst_type(out, meta_src, dtype=out.dtype)[0]

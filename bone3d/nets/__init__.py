@@ -147,7 +147,7 @@ TAKES_SCALE = {"fsrcnn", "edsr", "rcan", "rrdb", "r2rcan", "dan_restorer", "dan_
 NO_OUT_CHANNELS = {name for name, e in REGISTRY.items() if e.kind in ("discriminator", "estimator")}
 
 
-def build(
+def build_spec(
     name: str,
     spatial_dims: int = 3,
     preset: str = "cpu3d",
@@ -155,11 +155,9 @@ def build(
     out_channels: int = 1,
     scale=None,
     **kwargs,
-) -> nn.Module:
-    """Build registry network ``name`` with ``preset``; ``kwargs`` override the preset.
-
-    ``scale`` (per-axis integers) is used by the post-upsampling models and the DAN parts.
-    """
+) -> tuple[type, dict]:
+    """The class and constructor arguments `build` uses (``bone3d export`` writes them into a
+    bundle config that needs no bone3d)."""
     if name not in REGISTRY:
         raise InputError("network", f"unknown network {name!r}; choose from {sorted(REGISTRY)}")
     entry = REGISTRY[name]
@@ -176,8 +174,25 @@ def build(
         args["out_channels"] = out_channels
     if name in TAKES_SCALE:
         args["scale"] = scale if scale is not None else 2
+    return entry.cls, args
+
+
+def build(
+    name: str,
+    spatial_dims: int = 3,
+    preset: str = "cpu3d",
+    in_channels: int = 1,
+    out_channels: int = 1,
+    scale=None,
+    **kwargs,
+) -> nn.Module:
+    """Build registry network ``name`` with ``preset``; ``kwargs`` override the preset.
+
+    ``scale`` (per-axis integers) is used by the post-upsampling models and the DAN parts.
+    """
+    cls, args = build_spec(name, spatial_dims, preset, in_channels, out_channels, scale, **kwargs)
     try:
-        return entry.cls(**args)
+        return cls(**args)
     except (TypeError, ValueError) as err:
         raise InputError(name, str(err)) from None
 

@@ -1,0 +1,156 @@
+"""Every bundle in ``bundles/`` (all but the shared ``common``), every variant, through MONAI.
+
+For each: ``verify_metadata`` against the offline schema, ``verify_net_in_out`` and
+``ckpt_export`` of the generator, and a 2-epoch ``python -m monai.bundle run`` with the ``tiny``
+preset (train, validate, MLflow) followed by whole-volume inference with ``bone3d infer``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from bone3d.data.datalist import datalist_items, experiment_name
+from bone3d.data.prepare import prepare
+from bone3d.engines import bundle_cli_args
+from bone3d.io import read_volume
+from bone3d.nets import build
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs").is_dir())
+SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+PATCH = {"3d": "[32,32,32]", "2d": "[32,32,1]", "2p5d": "[32,32,5]"}
+
+
+def _run(args, cwd):
+    res = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, encoding="utf-8"
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _train_config(bundle: Path) -> dict:
+    return json.loads((bundle / "configs" / "train.json").read_text())
+
+
+def test_every_bundle_has_the_monai_layout():
+    assert {b.name for b in BUNDLES} >= {"unet_sr", "pix2pix"}
+    for b in BUNDLES:
+        for name in ("metadata.json", "train.json", "inference.json", "evaluate.json",
+                     "2d.json", "2p5d.json", "3d.json", "multi_gpu_train.json", "logging.conf"):  # fmt: skip
+            assert (b / "configs" / name).is_file(), f"{b.name}: configs/{name}"
+        assert (b / "docs" / "README.md").is_file() and (b / "LICENSE").is_file()
+        meta = json.loads((b / "configs" / "metadata.json").read_text())
+        fmt = meta["network_data_format"]
+        assert set(fmt["inputs"]) == {"image"} and set(fmt["outputs"]) == {"pred"}
+        # only PyPI packages (bone3d itself is not one), at the versions pinned for this project
+        pins = dict(
+            line.split("==")
+            for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")
+        )
+        pins = {k.lower(): v.split("+")[0] for k, v in pins.items()}
+        for pkg, version in meta["required_packages_version"].items():
+            assert pins.get(pkg.lower()) == version, f"{b.name}: {pkg}=={version} not pinned"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_metadata_verifies_offline(bundle, tmp_path):
+    res = _run(
+        ["-m", "monai.bundle", "verify_metadata", "--meta_file",
+         str(bundle / "configs" / "metadata.json"), "--filepath", str(SCHEMA)],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "metadata is verified with no error" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_verify_net_in_out_and_ckpt_export(bundle, tmp_path):
+    """MONAI's bundle checks: network I/O matches metadata.json; ckpt_export scripts the net."""
+    model = _train_config(bundle)["model_name"]
+    models = tmp_path / "models"
+    models.mkdir()
+    net = build(model, 3, "tiny").eval()
+    torch.save(net.state_dict(), models / "model.pt")
+    meta = {"lr_range": [0, 1], "hr_range": [0, 1], "hr_spacing_mm": [0.05] * 3}
+    (models / "data_meta.json").write_text(json.dumps({**meta, "net_preset": "tiny"}))
+    common = [*bundle_cli_args(bundle, "inference", "3d"), "--bundle_root", str(bundle),
+              "--ckpt_dir", str(models)]  # fmt: skip
+    res = _run(["-m", "monai.bundle", "verify_net_in_out", "network_def", *common], cwd=tmp_path)
+    assert "data shape of network is verified with no error" in res.stdout + res.stderr
+    ts = tmp_path / "model.ts"
+    _run(
+        ["-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+         "--ckpt_file", str(models / "model.pt"), *common],
+        cwd=tmp_path,
+    )  # fmt: skip
+    scripted = torch.jit.load(str(ts))
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
+
+
+@pytest.fixture(scope="module")
+def datalist(tmp_path_factory):
+    return prepare(
+        tmp_path_factory.mktemp("bundles") / "data",
+        phantoms=3,
+        preset="hrpqct",
+        phantom_shape=(40, 40, 40),
+        progress=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["3d", "2d", "2p5d"])
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_bundle_variant_trains_then_rebuilds_the_whole_stack(bundle, variant, datalist, tmp_path):
+    models, db = tmp_path / "models", tmp_path / "mlruns.db"
+    _run(
+        ["-m", "monai.bundle", "run", *bundle_cli_args(bundle, "train", variant),
+         "--tracking", "mlflow", "--bundle_root", str(bundle), "--datalist", str(datalist),
+         "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "runs"),
+         "--tracking_uri", f"sqlite:///{db}", "--net_preset", "tiny", "--patch_size", PATCH[variant],
+         "--max_epochs", "2", "--val_interval", "1", "--samples_per_volume", "2",
+         "--queue_length", "4"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    cfg = _train_config(bundle)
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment_name(datalist))
+    (run,) = client.search_runs([exp.experiment_id])
+    params = run.data.params
+    assert params["model"] == cfg["model_name"] and params["variant"] == variant
+    assert params["spatial_dims"] == ("3" if variant == "3d" else "2")
+    assert params["degradation_preset"] == "hrpqct" and params["split_hash"]
+    for key in ("train_loss", "val_psnr", "val_ssim", "val_bvtv_abs_error"):
+        hist = client.get_metric_history(run.info.run_id, key)
+        assert hist and all(np.isfinite(m.value) for m in hist), key
+    if "d_name" in cfg:  # GAN bundles: D's losses are logged and D is checkpointed
+        assert params["discriminator"] == cfg["d_name"] and params["gan_loss"] == cfg["gan_loss"]
+        for key in ("train_loss_d", "train_loss_g_gan", "train_d_real", "train_d_fake"):
+            assert client.get_metric_history(run.info.run_id, key), key
+        ckpt = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)
+        assert {"model", "optimizer", "discriminator", "d_optimizer", "trainer"} <= set(ckpt)
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # a plain state dict
+
+    test = datalist_items(datalist, "test")[0]
+    out = tmp_path / "sr.nii.gz"
+    _run(
+        ["-m", "bone3d.cli", "infer", str(bundle), test["image"], "-o", str(out),
+         "--variant", variant, "--checkpoint", str(models / "model.pt")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    sr, hr = read_volume(out), read_volume(test["target"])
+    assert sr.spatial_shape == hr.spatial_shape
+    np.testing.assert_allclose(sr.affine, hr.affine, atol=1e-6)
+    assert np.isfinite(sr.data.numpy()).all()
