@@ -54,6 +54,30 @@ def _module_closure(module: str) -> list[str]:
     return seen
 
 
+_GRID = '''"""The affine of a prediction on a grid ``scale`` times finer than its input's (same corner).
+
+MONAI's sliding-window inference up-samples the values of a post-upsampling network but keeps the
+input's affine; this sets the finer grid's, as bone3d's ``VolumePredictor`` does.
+"""
+
+import torch
+
+
+def upsampled_grid(scale: int):
+    def fix(t):
+        a = torch.as_tensor(t.affine, dtype=torch.float64).clone()
+        sp = torch.linalg.norm(a[:3, :3], dim=0)
+        direction = a[:3, :3] / sp
+        fine = sp / scale
+        a[:3, 3] = a[:3, 3] - direction @ (fine * (scale - 1) / 2.0)
+        a[:3, :3] = direction * fine
+        t.affine = a
+        return t
+
+    return fix
+'''
+
+
 def _copy_scripts(dest: Path, modules: list[str], slab: bool) -> None:
     import bone3d.inference as inference
     import bone3d.nets as nets
@@ -63,6 +87,7 @@ def _copy_scripts(dest: Path, modules: list[str], slab: bool) -> None:
     for m in modules:
         src = (Path(nets.__file__).parent / f"{m}.py").read_text()
         (dest / f"{m}.py").write_text(_NET_IMPORT.sub(r"from .\1 import", src))
+    (dest / "grid.py").write_text(_GRID)
     if slab:
         src = (Path(inference.__file__).parent / "slab.py").read_text()
         if "from bone3d" in src:
@@ -79,14 +104,23 @@ def _json_value(v):
     return v
 
 
-def inference_config(target: str, args: dict, meta: dict, patch, sw_batch, overlap, slab) -> dict:
-    """The exported ``inference.json``: MONAI components only (see the module docstring)."""
+def inference_config(
+    target: str, args: dict, meta: dict, patch, sw_batch, overlap, slab, scale=None
+) -> dict:
+    """The exported ``inference.json``: MONAI components only (see the module docstring).
+
+    ``scale`` (post-upsampling models): the LR goes onto ``scale x`` the HR spacing, the windows
+    are ``patch // scale`` LR voxels, and the prediction's affine is set to the HR grid
+    (``scripts/grid.py``: MONAI's sliding window keeps the input affine on zoomed outputs).
+    """
+    s = int(scale) if scale else 1
+    roi = [int(p) // s for p in patch]
     lr0, lr1 = (float(x) for x in meta["lr_range"])
     hr0, hr1 = (float(x) for x in meta["hr_range"])
     if slab is None:
         inferer = {
             "_target_": "SlidingWindowInferer",
-            "roi_size": list(patch),
+            "roi_size": roi,
             "sw_batch_size": sw_batch,
             "overlap": overlap,
             "mode": "gaussian",
@@ -94,7 +128,7 @@ def inference_config(target: str, args: dict, meta: dict, patch, sw_batch, overl
     else:
         inferer = {
             "_target_": "scripts.slab.SlabInferer",
-            "roi_size": list(patch),
+            "roi_size": roi,
             "slab": slab,
             "sw_batch_size": sw_batch,
             "overlap": overlap,
@@ -105,7 +139,8 @@ def inference_config(target: str, args: dict, meta: dict, patch, sw_batch, overl
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "input_image": "lr.nii.gz",
         "output_dir": "$@bundle_root + '/eval'",
-        "hr_spacing_mm": [float(s) for s in meta["hr_spacing_mm"]],
+        "hr_spacing_mm": [float(v) for v in meta["hr_spacing_mm"]],
+        "scale": s,
         "lr_range": [lr0, lr1],
         "hr_range": [hr0, hr1],
         "network_def": {"_target_": target, **_json_value(args)},
@@ -119,7 +154,7 @@ def inference_config(target: str, args: dict, meta: dict, patch, sw_batch, overl
                 {
                     "_target_": "Spacingd",
                     "keys": "image",
-                    "pixdim": "@hr_spacing_mm",
+                    "pixdim": "$[v * @scale for v in @hr_spacing_mm]",
                     "mode": "bilinear",
                     "scale_extent": True,
                 },
@@ -150,6 +185,17 @@ def inference_config(target: str, args: dict, meta: dict, patch, sw_batch, overl
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
+                *(
+                    [
+                        {
+                            "_target_": "Lambdad",
+                            "keys": "pred",
+                            "func": {"_target_": "scripts.grid.upsampled_grid", "scale": "@scale"},
+                        }
+                    ]
+                    if s > 1
+                    else []
+                ),
                 {
                     "_target_": "ScaleIntensityRanged",
                     "keys": "pred",
@@ -227,11 +273,16 @@ def export_bundle(
     model_name = parser["model_name"]
     slab = meta.get("slab")
     spatial_dims = int(meta.get("spatial_dims", 3))
+    scale = meta.get("scale")
+    if scale is not None and not isinstance(scale, int):
+        raise InputError(ckpt.parent / "data_meta.json", "export needs one integer scale")
     cls, args = build_spec(
         model_name,
         spatial_dims,
         meta.get("net_preset", "cpu3d"),
         in_channels=1 if slab is None else 2 * int(slab) + 1,
+        out_channels=scale if (scale and slab is not None) else 1,
+        scale=scale,
     )
     module = cls.__module__.rsplit(".", 1)[-1]
     patch = list(parser["patch_size"])
@@ -250,6 +301,7 @@ def export_bundle(
             int(parser["sw_batch_size"]),
             float(parser["sw_overlap"]),
             None if slab is None else int(slab),
+            scale,
         )
         (root / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
         metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
@@ -260,12 +312,15 @@ def export_bundle(
             metadata["version"]: f"exported by bone3d ({variant} variant, inference only)",
             **metadata["changelog"],
         }
-        shape = patch if slab is None else patch[:2]
-        for io in ("inputs", "outputs"):
+        out_shape = patch if slab is None else patch[:2]
+        in_shape = [p // (scale or 1) for p in out_shape]
+        for io, shape in (("inputs", in_shape), ("outputs", out_shape)):
             for spec in metadata["network_data_format"][io].values():
                 spec["spatial_shape"] = shape
         key = metadata["network_data_format"]["inputs"]["image"]
         key["num_channels"] = 1 if slab is None else 2 * int(slab) + 1
+        pred = metadata["network_data_format"]["outputs"]["pred"]
+        pred["num_channels"] = scale if (scale and slab is not None) else 1
         (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
         shutil.copy(bundle / "configs" / "logging.conf", root / "configs" / "logging.conf")
         shutil.copy(bundle / "LICENSE", root / "LICENSE")

@@ -19,7 +19,7 @@ import torch
 from bone3d.errors import InputError
 from bone3d.export import export_bundle
 from bone3d.io import make_image, read_volume, write_volume
-from bone3d.nets import build
+from bone3d.nets import TAKES_SCALE, build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,20 +49,30 @@ def _checkpoint(tmp: Path, model: str, variant: str) -> Path:
     torch.manual_seed(0)
     slab = {"3d": None, "2d": 0, "2p5d": 2}[variant]
     dims = 3 if slab is None else 2
-    net = build(model, dims, "tiny", in_channels=1 if slab is None else 2 * slab + 1)
+    scale = 2 if model in TAKES_SCALE else None  # post-upsampling models: x2
+    net = build(
+        model, dims, "tiny", in_channels=1 if slab is None else 2 * slab + 1,
+        out_channels=scale if (scale and slab is not None) else 1, scale=scale,
+    )  # fmt: skip
     ckpt = tmp / "models" / "model.pt"
     ckpt.parent.mkdir(parents=True)
     torch.save(net.state_dict(), ckpt)
     meta = {"lr_range": [-200.0, 1500.0], "hr_range": [-100.0, 1200.0],
             "hr_spacing_mm": [0.05, 0.05, 0.05], "net_preset": "tiny", "spatial_dims": dims,
-            "slab": slab, "model_name": model, "variant": variant}  # fmt: skip
+            "slab": slab, "model_name": model, "variant": variant, "scale": scale}  # fmt: skip
     (ckpt.parent / "data_meta.json").write_text(json.dumps(meta))
     return ckpt
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "bundle, model, variant", [("unet_sr", "unet", "3d"), ("pix2pix", "pix2pix_g", "2p5d")]
+    "bundle, model, variant",
+    [
+        ("unet_sr", "unet", "3d"),
+        ("pix2pix", "pix2pix_g", "2p5d"),
+        ("rcan", "rcan", "3d"),
+        ("rcan", "rcan", "2p5d"),
+    ],
 )
 def test_exported_bundle_runs_without_bone3d(bundle, model, variant, plain_python, tmp_path):
     ckpt = _checkpoint(tmp_path, model, variant)

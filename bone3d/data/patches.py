@@ -58,10 +58,72 @@ def to_hr_grid(hr_spacing_mm: Sequence[float]) -> tio.Transform:
     return _ToHRGrid()
 
 
-def pair_transform(meta: dict, *, pre_upsample: bool = True, with_target: bool = True):
-    """Deterministic preprocessing for training, validation and inference alike."""
+def lr_working_grid(lr: tio.Image, hr_spacing_mm, scale: int):
+    """The grid a post-upsampling model reads: spacing ``scale x`` the HR spacing, the LR field's
+    corner, ``floor(HR shape / scale)`` voxels, so that its ``scale``-fold up-sampling is exactly
+    the HR grid of `hr_grid_for` (cut to whole multiples of ``scale``). Returns (shape, affine)."""
+    import numpy as np
+
+    s = int(scale)
+    hr_shape, hr_affine = hr_grid_for(lr, hr_spacing_mm)
+    shape = tuple(n // s for n in hr_shape)
+    if min(shape) < 1:
+        raise ValueError(f"LR field of {hr_shape} HR voxels is smaller than scale {s}")
+    hr_sp = np.linalg.norm(hr_affine[:3, :3], axis=0)
+    direction = hr_affine[:3, :3] / hr_sp
+    affine = np.eye(4)
+    affine[:3, :3] = direction * hr_sp * s
+    affine[:3, 3] = hr_affine[:3, 3] + direction @ (hr_sp * (s - 1) / 2.0)
+    return shape, affine
+
+
+def to_lr_grid(hr_spacing_mm: Sequence[float], scale: int) -> tio.Transform:
+    """For post-upsampling models: resample the LR ``image`` (trilinear) onto `lr_working_grid`,
+    and, when there is a ``target``, cut it to ``scale x`` that shape and pack each
+    ``scale^3`` HR block into channels (MONAI ``pixelunshuffle``): ``(s^3, X/s, Y/s, Z/s)``.
+
+    Packing keeps the HR target on the LR grid, so TorchIO's samplers draw LR patches and their
+    exact HR counterparts together; `ScaleBatch` unpacks them (MONAI ``pixelshuffle``).
+    """
+    from monai.networks.utils import pixelunshuffle
+
+    s = int(scale)
+
+    class _ToLRGrid(tio.SpatialTransform):
+        def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+            lr = subject["image"]
+            shape, affine = lr_working_grid(lr, hr_spacing_mm, s)
+            if "target" in subject:
+                hr = subject["target"]
+                hr_shape, _ = hr_grid_for(lr, hr_spacing_mm)
+                if tuple(hr.spatial_shape) != tuple(hr_shape):
+                    raise ValueError(
+                        f"target {tuple(hr.spatial_shape)} is not the HR grid {hr_shape} of the LR field"
+                    )
+                cut = hr.data[:, : shape[0] * s, : shape[1] * s, : shape[2] * s]
+                packed = pixelunshuffle(cut[None].float(), 3, s)[0]
+                subject.remove_image("target")
+                subject.add_image(tio.ScalarImage(tensor=packed, affine=affine), "target")
+            resampled = tio.Resample(
+                (shape, affine), image_interpolation="linear", include=["image"]
+            )
+            return resampled(subject)
+
+    return _ToLRGrid()
+
+
+def pair_transform(
+    meta: dict, *, pre_upsample: bool = True, with_target: bool = True, scale: int | None = None
+):
+    """Deterministic preprocessing for training, validation and inference alike.
+
+    ``scale`` (post-upsampling models): the LR on `lr_working_grid`, the target packed
+    (`to_lr_grid`); otherwise, with ``pre_upsample``, the LR on the HR grid (`to_hr_grid`).
+    """
     ts: list = []
-    if pre_upsample:
+    if scale:
+        ts.append(to_lr_grid(meta["hr_spacing_mm"], scale))
+    elif pre_upsample:
         ts.append(to_hr_grid(meta["hr_spacing_mm"]))
     ts.append(intensity_transform(meta["lr_range"], meta["hr_range"] if with_target else None))
     return tio.Compose(ts)
@@ -83,18 +145,23 @@ def patch_loader(
     augment: bool = True,
     seed: int = 0,
     distributed: bool = False,
+    scale: int | None = None,
 ) -> DataLoader:
     """DataLoader over a TorchIO ``Queue`` of paired (LR, HR) training patches.
 
     With ``distributed`` (an initialised ``torch.distributed`` process group), each rank's queue
     draws its subjects through a ``DistributedSampler``, so ranks train on different specimens'
-    patches; call ``loader.dataset.subject_sampler.set_epoch(epoch)`` every epoch (the bundle's
-    multi-GPU config does).
+    patches; call ``loader.dataset.subject_sampler.set_epoch(epoch)`` every epoch (the bundles'
+    EpochSeed handler in bundles/common/train_base.json does).
     """
     meta = datalist_meta(datalist)
-    transform = pair_transform(meta, pre_upsample=pre_upsample)
-    if augment:
+    transform = pair_transform(meta, pre_upsample=pre_upsample, scale=scale)
+    if augment and not scale:  # post-upsampling: flips on unpacked pairs, in ScaleBatch
         transform = tio.Compose([transform, augmentation()])
+    if scale:  # patch_size is in HR voxels; the queue samples the LR grid
+        if any(int(p) % int(scale) for p in patch_size):
+            raise ValueError(f"patch_size {list(patch_size)} must be a multiple of scale {scale}")
+        patch_size = [int(p) // int(scale) for p in patch_size]
     dataset = tio.SubjectsDataset(load_subjects(datalist, "training"), transform=transform)
     subject_sampler = None
     if distributed:
@@ -121,6 +188,7 @@ def volume_loader(
     *,
     pre_upsample: bool = True,
     distributed: bool = False,
+    scale: int | None = None,
 ):
     """DataLoader of whole preprocessed volumes (batch size 1) for validation.
 
@@ -131,7 +199,8 @@ def volume_loader(
     """
     meta = datalist_meta(datalist)
     dataset = tio.SubjectsDataset(
-        load_subjects(datalist, split), transform=pair_transform(meta, pre_upsample=pre_upsample)
+        load_subjects(datalist, split),
+        transform=pair_transform(meta, pre_upsample=pre_upsample, scale=scale),
     )
     sampler = None
     if distributed:
@@ -172,4 +241,45 @@ class SlabBatch:
             raise ValueError(f"patch depth {depth} != 2 * slab + 1 = {2 * self.slab + 1}")
         x = image[:, 0].permute(0, 3, 1, 2)  # (B, 2k+1, X, Y)
         y = None if target is None else target[:, :, :, :, self.slab]
+        return x, y
+
+
+class ScaleBatch:
+    """``prepare_batch`` for post-upsampling models.
+
+    3D (``slab=None``): the LR patch ``(B, 1, x, y, z)`` as is, the packed target
+    ``(B, s^3, x, y, z)`` unpacked to ``(B, 1, s x, s y, s z)`` (MONAI ``pixelshuffle``).
+    2D / 2.5D (``slab=k``, LR patch depth ``2k+1``): the input is the slab as channels
+    ``(B, 2k+1, x, y)`` and the target the ``s`` HR slices of the centre LR slice as channels
+    ``(B, s, s x, s y)`` (the 2D network up-samples in-plane and predicts ``s`` slices).
+    With ``augment``, random flips along each axis, the same for LR and HR (torch's generator,
+    which the bundles reseed every epoch).
+    """
+
+    def __init__(self, scale: int, augment: bool = False, slab: int | None = None):
+        self.scale = int(scale)
+        self.augment = bool(augment)
+        self.slab = None if slab is None else int(slab)
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        from monai.networks.utils import pixelshuffle
+
+        s = self.scale
+        image, target = prepare_batch(batchdata, device, non_blocking)
+        if target is not None and target.shape[1] == s**3 and s > 1:
+            target = pixelshuffle(target, 3, s)
+        if self.augment:
+            dims = [d + 2 for d in range(3) if bool(torch.rand(()) < 0.5)]
+            if dims:
+                image = torch.flip(image, dims)
+                target = None if target is None else torch.flip(target, dims)
+        if self.slab is None:
+            return image, target
+        k = self.slab
+        if image.shape[-1] != 2 * k + 1:
+            raise ValueError(f"LR patch depth {image.shape[-1]} != 2 * slab + 1 = {2 * k + 1}")
+        x = image[:, 0].permute(0, 3, 1, 2)  # (B, 2k+1, x, y)
+        if target is None:
+            return x, None
+        y = target[:, 0, :, :, k * s : (k + 1) * s].permute(0, 3, 1, 2)  # (B, s, sx, sy)
         return x, y

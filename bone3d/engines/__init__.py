@@ -107,6 +107,49 @@ def run_name(ckpt_dir: str | os.PathLike, prefix: str, resume_from: str | None) 
     return name
 
 
+class EpochSeed:
+    """Make every training epoch a function of (seed, epoch, rank) alone, so a resumed training
+    ends with the same weights as an uninterrupted one.
+
+    At each ``EPOCH_STARTED``: MONAI's ``set_determinism`` with a seed derived from
+    ``(seed, epoch, rank)`` (NumPy ``SeedSequence``), the TorchIO ``Queue`` emptied (its patch
+    list, half-sampled subject and subject iterator otherwise carry over from the previous epoch,
+    state no checkpoint holds), and the subject sampler's ``set_epoch`` called when it has one
+    (``DistributedSampler``). Checkpoints then need no RNG or queue state: resuming at epoch
+    ``k + 1`` replays exactly what the uninterrupted run did. The queue attributes reset are
+    TorchIO 1.2's own (``Queue._fill`` re-creates them), pinned in requirements.txt.
+    """
+
+    def __init__(self, seed: int, loader):
+        self.seed = int(seed)
+        self.loader = loader
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        import numpy as np
+        import torch.distributed as dist
+        from monai.utils import set_determinism
+
+        epoch = int(engine.state.epoch)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = int(np.random.SeedSequence([self.seed, epoch, rank]).generate_state(1)[0])
+        set_determinism(seed=seed)
+        queue = getattr(self.loader, "dataset", None)
+        if queue is not None and hasattr(queue, "patches_list"):
+            queue.patches_list = []
+            queue._incomplete_subject = None
+            queue._num_patches_incomplete = 0
+            queue._subjects_iterable = None
+            queue._num_sampled_subjects = 0
+            sampler = getattr(queue, "subject_sampler", None)
+            if sampler is not None and hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+
 class SpecimenLog:
     """Ignite handler that records which specimens' patches each process trained on
     (``output_dir/specimens_rank{R}.json``, written atomically at the end of training): the

@@ -1,9 +1,10 @@
 """Slice-wise (2D) and slab (2.5D) inference over whole 3D volumes.
 
 For every slice z along the last axis, the 2D network sees the slab of slices z-k..z+k as
-channels (edge slices repeated at the volume ends) and predicts slice z; each slice is processed
+channels (edge slices repeated at the volume ends) and predicts slice z (a post-upsampling model
+predicts C channels = the C HR slices of LR slice z, up-sampled in-plane too); each slice is processed
 with MONAI's ``SlidingWindowInferer`` (Gaussian blending) in-plane, several slices per batch.
-Input and output are ``(B, C, X, Y, Z)`` volumes on the HR grid, like the 3D inferer, so the same
+Input ``(B, 1, X, Y, Z)``, output ``(B, 1, X', Y', C Z)`` (the HR grid), like the 3D inferer, so the same
 evaluator, metrics and writer serve 2D, 2.5D and 3D models.
 """
 
@@ -55,7 +56,9 @@ class SlabInferer(Inferer):
                     [vol[:, :, z : z + 2 * k + 1].permute(2, 0, 1) for z in zs]
                 )  # (n, 2k+1, X, Y)
                 slices.append(self.inner(x, network, *args, **kwargs))  # (n, 1, X, Y)
-            outs.append(torch.cat(slices, 0).permute(1, 2, 3, 0))  # (1, X, Y, Z)
+            pred = torch.cat(slices, 0)  # (Z, C, X', Y'): C HR slices per LR slice
+            z, c = pred.shape[:2]
+            outs.append(pred.permute(2, 3, 0, 1).reshape(1, *pred.shape[2:], z * c))
         out = torch.stack(outs)
         # like MONAI's SlidingWindowInferer: a MetaTensor in, a MetaTensor (same affine) out
         return convert_to_dst_type(out, meta_src, dtype=out.dtype)[0]

@@ -42,6 +42,11 @@ class VolumePredictor:
         data_meta: ``lr_range``, ``hr_range`` and ``hr_spacing_mm`` the model was trained with.
         device: torch device.
         pre_upsample: put the LR on the HR grid before the network (U-Net-type models).
+        scale: post-upsampling models (EDSR, RCAN, ...): the LR goes on
+            `bone3d.data.patches.lr_working_grid` (``scale x`` the HR spacing), the network
+            up-samples by ``scale``, and the output lies on the HR grid cut to whole multiples of
+            ``scale`` (at most ``scale - 1`` HR voxels fewer per axis than `hr_grid_for`). Such
+            outputs are predicted in memory (no streaming).
         stream_voxels: outputs with more voxels than this (default 64 Mi, 256 MB as float32) are
             written slab by slab into a memory-mapped NIfTI (`bone3d.inference.stream`).
         chunk: slices per slab when streaming.
@@ -56,6 +61,7 @@ class VolumePredictor:
         pre_upsample: bool = True,
         stream_voxels: int = 64 * 2**20,
         chunk: int = 32,
+        scale: int | None = None,
     ):
         self.stream_voxels = int(stream_voxels)
         self.chunk = int(chunk)
@@ -63,7 +69,10 @@ class VolumePredictor:
         self.inferer = inferer
         self.meta = data_meta
         self.device = torch.device(device)
-        self.transform = pair_transform(data_meta, pre_upsample=pre_upsample, with_target=False)
+        self.scale = int(scale) if scale else None
+        self.transform = pair_transform(
+            data_meta, pre_upsample=pre_upsample, with_target=False, scale=self.scale
+        )
 
     @torch.no_grad()
     def predict(self, lr: tio.ScalarImage) -> tio.ScalarImage:
@@ -74,7 +83,15 @@ class VolumePredictor:
         y = self.inferer(x, self.network)[0].cpu()
         lo, hi = self.meta["hr_range"]
         y = y * (hi - lo) + lo
-        return tio.ScalarImage(tensor=y.float(), affine=np.asarray(subject["image"].affine))
+        affine = np.asarray(subject["image"].affine, dtype=float)
+        if self.scale:  # the HR grid the LR working grid up-samples to (same corner)
+            sp = np.linalg.norm(affine[:3, :3], axis=0)
+            direction = affine[:3, :3] / sp
+            hr_sp = sp / self.scale
+            affine = affine.copy()
+            affine[:3, :3] = direction * hr_sp
+            affine[:3, 3] = affine[:3, 3] - direction @ (hr_sp * (self.scale - 1) / 2.0)
+        return tio.ScalarImage(tensor=y.float(), affine=affine)
 
     def run(self, input_image: str | os.PathLike, output_image: str | os.PathLike) -> Path:
         """Read ``input_image``, predict, and write ``output_image`` atomically."""
@@ -84,14 +101,18 @@ class VolumePredictor:
         from bone3d.data.simulate import hr_grid_for
 
         shape, _ = hr_grid_for(lr, self.meta["hr_spacing_mm"])
-        if int(np.prod(shape)) > self.stream_voxels and str(output_image).endswith(
-            (".nii", ".nii.gz")
+        if (
+            not self.scale
+            and int(np.prod(shape)) > self.stream_voxels
+            and str(output_image).endswith((".nii", ".nii.gz"))
         ):
             from bone3d.inference.stream import stream_predict
 
             out = stream_predict(self, lr, output_image, chunk=self.chunk)
         else:
-            out = write_volume(self.predict(lr), output_image)
+            img = self.predict(lr)
+            shape = img.spatial_shape
+            out = write_volume(img, output_image)
         sp = tuple(round(float(v), 6) for v in self.meta["hr_spacing_mm"])
         print(f"wrote {out}: shape {tuple(shape)}, spacing {sp} mm")
         return out
