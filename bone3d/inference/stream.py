@@ -81,6 +81,89 @@ def _span_function(inferer, shape):
     return lambda z0, z1: (max(0, z0 - halo), min(nz, z1 + halo))
 
 
+def _window_groups(inferer, shape):
+    """For a 3D ``SlidingWindowInferer`` whose window fits in the stack: MONAI's window slices
+    on the whole volume grouped by z start, and MONAI's importance map; otherwise None (slab
+    inferers, or a window as deep as the stack, where MONAI would pad)."""
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+    from monai.inferers import SlidingWindowInferer
+    from monai.inferers.utils import _get_scan_interval
+    from monai.utils import fall_back_tuple
+
+    if not isinstance(inferer, SlidingWindowInferer):
+        return None
+    roi = fall_back_tuple(inferer.roi_size, shape)
+    if any(r >= n for r, n in zip(roi, shape, strict=True)):
+        return None
+    ov = inferer.overlap
+    scan = _get_scan_interval(
+        tuple(shape), roi, 3, tuple(ov) if isinstance(ov, (list, tuple)) else (ov,) * 3
+    )
+    groups: dict[int, list] = {}
+    for sl in dense_patch_slices(tuple(shape), roi, scan):
+        groups.setdefault(sl[2].start, []).append(sl[:2])
+    imp = compute_importance_map(
+        roi, mode=inferer.mode, sigma_scale=inferer.sigma_scale, device="cpu"
+    )
+    return sorted(groups.items()), imp.float(), int(roi[2]), int(inferer.sw_batch_size)
+
+
+def _stream_windows(predictor, lr, shape, affine, rescale, out, groups, imp, rz, batch, progress):
+    """MONAI's sliding window, streamed: the same windows, the same importance map and the same
+    weighted average as ``SlidingWindowInferer`` on the whole volume, but taken one z start at a
+    time. The input is resampled for ``[s, s + rz)`` only, every window is run once, and slices
+    before the next z start, which no later window reaches, are normalised and written; the
+    buffers hold ``rz`` slices, so memory grows with X * Y * roi_z, not with the stack.
+
+    Hand-written because MONAI's sliding window (``buffer_steps`` included) keeps the whole
+    output in memory and no maintained library streams it to disk.
+    """
+    lo, hi = predictor.meta["hr_range"]
+    nz = int(shape[2])
+    acc = torch.zeros((shape[0], shape[1], rz), dtype=torch.float32)
+    cnt = torch.zeros((shape[0], shape[1], rz), dtype=torch.float32)
+    starts = [s for s, _ in groups]
+    for i, (s, windows) in enumerate(
+        tqdm(groups, desc="window rows", disable=None if progress else True)
+    ):
+        sub_affine = affine.copy()
+        sub_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * s
+        sub = tio.Resample(((shape[0], shape[1], rz), sub_affine), image_interpolation="linear")(lr)
+        x = rescale(tio.Subject(image=sub))["image"].data.float()  # (1, X, Y, rz)
+        for b0 in range(0, len(windows), batch):
+            chunk = windows[b0 : b0 + batch]
+            xb = torch.stack([x[:, sx, sy, :] for sx, sy in chunk]).to(predictor.device)
+            with torch.no_grad():
+                yb = predictor.network(xb).float().cpu()
+            for (sx, sy), y in zip(chunk, yb, strict=True):
+                acc[sx, sy, :] += y[0] * imp
+                cnt[sx, sy, :] += imp
+        done = (starts[i + 1] if i + 1 < len(starts) else nz) - s  # final slices [s, s + done)
+        out[:, :, s : s + done] = ((acc[:, :, :done] / cnt[:, :, :done]) * (hi - lo) + lo).numpy()
+        acc = torch.cat([acc[:, :, done:], torch.zeros_like(acc[:, :, :done])], dim=2)
+        cnt = torch.cat([cnt[:, :, done:], torch.zeros_like(cnt[:, :, :done])], dim=2)
+
+
+def _stream_slabs(predictor, lr, shape, affine, rescale, out, span, chunk, progress):
+    """Slabs of ``chunk`` output slices, each predicted from the input slices ``span`` says
+    reproduce the whole-volume result (2.5D: the slab half-width on each side)."""
+    lo, hi = predictor.meta["hr_range"]
+    nz = shape[2]
+    for z0 in tqdm(range(0, nz, chunk), desc="slabs", disable=None if progress else True):
+        z1 = min(nz, z0 + chunk)
+        a, b = span(z0, z1)
+        sub_affine = affine.copy()
+        sub_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * a
+        sub = tio.Resample(((shape[0], shape[1], b - a), sub_affine), image_interpolation="linear")(
+            lr
+        )
+        x = rescale(tio.Subject(image=sub))["image"].data[None].float().to(predictor.device)
+        with torch.no_grad():
+            y = predictor.inferer(x, predictor.network)[0, 0, :, :, z0 - a : z1 - a].cpu().numpy()
+        out[:, :, z0:z1] = y * (hi - lo) + lo
+        del x, y
+
+
 def stream_predict(
     predictor,
     lr: tio.ScalarImage,
@@ -99,7 +182,6 @@ def stream_predict(
     shape, affine = hr_grid_for(lr, predictor.meta["hr_spacing_mm"])
     span = _span_function(predictor.inferer, shape)
     rescale = intensity_transform(predictor.meta["lr_range"], None)
-    lo, hi = predictor.meta["hr_range"]
     hdr = _header(shape, affine)
     offset = int(hdr["vox_offset"])
     try:
@@ -118,24 +200,11 @@ def stream_predict(
             fh.truncate(offset + int(np.prod(shape)) * 4)
         out = np.memmap(part, dtype=np.float32, mode="r+", offset=offset, shape=shape, order="F")
         predictor.network.eval()
-        nz = shape[2]
-        for z0 in tqdm(range(0, nz, chunk), desc="slabs", disable=None if progress else True):
-            z1 = min(nz, z0 + chunk)
-            a, b = span(z0, z1)
-            sub_affine = affine.copy()
-            sub_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * a
-            sub = tio.Resample(
-                ((shape[0], shape[1], b - a), sub_affine), image_interpolation="linear"
-            )(lr)
-            x = rescale(tio.Subject(image=sub))["image"].data[None].float().to(predictor.device)
-            with torch.no_grad():
-                y = (
-                    predictor.inferer(x, predictor.network)[0, 0, :, :, z0 - a : z1 - a]
-                    .cpu()
-                    .numpy()
-                )
-            out[:, :, z0:z1] = y * (hi - lo) + lo
-            del x, y
+        groups = _window_groups(predictor.inferer, shape)
+        if groups is not None:
+            _stream_windows(predictor, lr, shape, affine, rescale, out, *groups, progress)
+        else:
+            _stream_slabs(predictor, lr, shape, affine, rescale, out, span, chunk, progress)
         out.flush()
         del out
         if suffix == ".nii.gz":
