@@ -192,6 +192,8 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
     over subjects), validation is shared, rank 0 alone logs to MLflow and saves checkpoints."""
     import json
 
+    from bone3d.tracking import free_port
+
     datalist = prepare(
         tmp_path / "data", phantoms=4, preset="hrpqct", phantom_shape=(48, 48, 48), progress=False
     )
@@ -201,7 +203,8 @@ def test_ddp_two_ranks_on_cpu(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     res = subprocess.run(
         [
-            str(torchrun), "--nproc_per_node=2", "-m", "monai.bundle", "run", *configs,
+            str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle",
+            "run", *configs,
             "--tracking", "mlflow", "--bundle_root", str(BUNDLE), "--datalist", str(datalist),
             "--ckpt_dir", str(models), "--output_dir", str(runs), "--tracking_uri", f"sqlite:///{db}",
             "--net_preset", "tiny", "--patch_size", "[32,32,32]", "--max_epochs", "3",

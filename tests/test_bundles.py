@@ -159,3 +159,36 @@ def test_bundle_variant_trains_then_rebuilds_the_whole_stack(bundle, variant, da
     assert sr.spatial_shape == tuple(n // s * s for n in hr.spatial_shape)
     np.testing.assert_allclose(sr.affine, hr.affine, atol=1e-6)
     assert np.isfinite(sr.data.numpy()).all()
+
+
+@pytest.mark.slow
+def test_gan_bundle_trains_under_ddp(tmp_path):
+    """multi_gpu_train.json of a GAN bundle: G and D both DistributedDataParallel (gloo on CPU),
+    two ranks, rank 0 alone checkpoints (G, D, both optimisers) and logs one MLflow run."""
+    from bone3d.tracking import free_port
+
+    bundle = ROOT / "bundles" / "pix2pix"
+    datalist = prepare(
+        tmp_path / "data", phantoms=4, preset="hrpqct", phantom_shape=(40, 40, 40), progress=False
+    )
+    models, db = tmp_path / "models", tmp_path / "mlruns.db"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    res = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle",
+         "run", *bundle_cli_args(bundle, "train", "3d", "multi_gpu_train"), "--tracking", "mlflow",
+         "--bundle_root", str(bundle), "--datalist", str(datalist), "--ckpt_dir", str(models),
+         "--output_dir", str(tmp_path / "runs"), "--tracking_uri", f"sqlite:///{db}",
+         "--net_preset", "tiny", "--patch_size", "[32,32,32]", "--max_epochs", "2",
+         "--val_interval", "2", "--samples_per_volume", "2", "--queue_length", "4"],
+        cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", timeout=400,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ckpt = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)
+    assert {"model", "discriminator", "optimizer", "d_optimizer"} <= set(ckpt)
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(experiment_name(datalist)).experiment_id]
+    )
+    assert "-ddp-" in run.info.run_name and client.get_metric_history(
+        run.info.run_id, "train_loss_d"
+    )

@@ -137,3 +137,20 @@ def test_unconditional_d_sees_the_image_alone():
         PairedGANStep(d, torch.optim.Adam(d.parameters()), "ragan", conditional=True)(
             trainer, {"image": torch.rand(2, 1, 16, 16), "label": torch.rand(2, 1, 16, 16)}
         )
+
+
+def test_conditional_d_refuses_inputs_on_another_grid():
+    g = build("rcan", 2, "tiny", scale=2)
+    d = build("patchgan_d", 2, "tiny", in_channels=2)
+    step = PairedGANStep(d, torch.optim.Adam(d.parameters()), "vanilla", conditional=True)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"image": torch.rand(2, 1, 8, 8), "label": torch.rand(2, 1, 16, 16)}],
+        network=g,
+        optimizer=torch.optim.SGD(g.parameters(), lr=1e-3),
+        loss_function=torch.nn.L1Loss(),
+        iteration_update=step,
+    )
+    with pytest.raises(ValueError, match="conditional=False"):
+        trainer.run()

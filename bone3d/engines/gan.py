@@ -138,7 +138,15 @@ class PairedGANStep:
         self.conditional = conditional
 
     def _d_in(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, img], dim=1) if self.conditional else img
+        if not self.conditional:
+            return img
+        if x.shape[2:] != img.shape[2:]:
+            raise ValueError(
+                f"a conditional discriminator needs the input {tuple(x.shape[2:])} and the image "
+                f"{tuple(img.shape[2:])} on one grid; post-upsampling generators need "
+                "conditional=False (ESRGAN)"
+            )
+        return torch.cat([x, img], dim=1)
 
     def __call__(self, engine, batchdata) -> dict:
         x, y = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
