@@ -81,6 +81,25 @@ def _span_function(inferer, shape):
     return lambda z0, z1: (max(0, z0 - halo), min(nz, z1 + halo))
 
 
+def _resample_rows(lr: tio.ScalarImage, shape, affine, z0: int, nz: int) -> tio.ScalarImage:
+    """The LR resampled (trilinear) onto HR slices ``[z0, z0 + nz)`` of the HR grid, reading
+    only the LR slices those HR slices fall between (plus one on each side), so each step
+    touches a thin slab of the LR, not the whole stack."""
+    sub_affine = affine.copy()
+    sub_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * z0
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, nz - 1)]
+    )
+    lr_idx = (np.linalg.inv(np.asarray(lr.affine)) @ sub_affine @ corners.T)[:3]
+    nlz = lr.spatial_shape[2]
+    a = int(np.clip(np.floor(lr_idx[2].min()) - 1, 0, nlz - 1))
+    b = int(np.clip(np.ceil(lr_idx[2].max()) + 2, a + 1, nlz))
+    lr_affine = np.asarray(lr.affine, dtype=float).copy()
+    lr_affine[:3, 3] = lr_affine[:3, 3] + lr_affine[:3, 2] * a
+    part = tio.ScalarImage(tensor=lr.data[..., a:b].clone(), affine=lr_affine)
+    return tio.Resample(((shape[0], shape[1], nz), sub_affine), image_interpolation="linear")(part)
+
+
 def _window_groups(inferer, shape):
     """For a 3D ``SlidingWindowInferer`` whose window fits in the stack: MONAI's window slices
     on the whole volume grouped by z start, and MONAI's importance map; otherwise None (slab
@@ -152,11 +171,7 @@ def _stream_slabs(predictor, lr, shape, affine, rescale, out, span, chunk, progr
     for z0 in tqdm(range(0, nz, chunk), desc="slabs", disable=None if progress else True):
         z1 = min(nz, z0 + chunk)
         a, b = span(z0, z1)
-        sub_affine = affine.copy()
-        sub_affine[:3, 3] = affine[:3, 3] + affine[:3, 2] * a
-        sub = tio.Resample(((shape[0], shape[1], b - a), sub_affine), image_interpolation="linear")(
-            lr
-        )
+        sub = _resample_rows(lr, shape, affine, a, b - a)
         x = rescale(tio.Subject(image=sub))["image"].data[None].float().to(predictor.device)
         with torch.no_grad():
             y = predictor.inferer(x, predictor.network)[0, 0, :, :, z0 - a : z1 - a].cpu().numpy()
