@@ -55,9 +55,10 @@ def test_identical_volumes_have_zero_error_and_one_measurement(pair, monkeypatch
     real = mm.morphometry
     monkeypatch.setattr(mm, "morphometry", lambda *a, **k: calls.append(1) or real(*a, **k))
     panel = MorphometryPanel(spacing=(0.05,) * 3)
+    target = hr.clone()  # as in validation: every metric handler gets the same two tensors
     for param in MorphometryPanel.PARAMETERS:
         m = panel.error(param)
-        m(hr, hr.clone())
+        m(hr, target)
         assert float(m.aggregate()) == 0.0
     assert len(calls) == 2  # one pair measured once, shared by the four metrics
 
