@@ -42,7 +42,9 @@ def main() -> None:
     hr_sp, lr_sp = 0.05, 0.1
     lr_shape = [s // 2 for s in args.size]
     rng = np.random.default_rng(0)
-    lr = make_image(rng.normal(700, 300, lr_shape).astype(np.float32), spacing=(lr_sp,) * 3)
+    lr = make_image(
+        rng.standard_normal(lr_shape, dtype=np.float32) * 300 + 700, spacing=(lr_sp,) * 3
+    )
     meta = {"lr_range": [-280, 1680], "hr_range": [-200, 1200], "hr_spacing_mm": [hr_sp] * 3}
     net = build("unet", 3, args.preset).eval()
     roi = [args.roi] * 3

@@ -206,5 +206,8 @@ class PairedGANStep:
 def gan_losses(output) -> dict:
     """``output_transform`` for MLflow/TensorBoard handlers: the GAN losses of an iteration."""
     item = output[0] if isinstance(output, list) else output
-    keys = ("loss", "loss_g_gan", "loss_g_content", "loss_g_fm", "loss_d", "d_real", "d_fake")
+    keys = (
+        "loss_g_gan", "loss_g_content", "loss_g_fm", "loss_cycle", "loss_idt", "loss_d",
+        "loss_d_a", "loss_d_b", "d_real", "d_fake",
+    )  # fmt: skip
     return {f"train_{k}": float(item[k]) for k in keys if k in item}

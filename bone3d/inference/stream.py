@@ -100,6 +100,27 @@ def _resample_rows(lr: tio.ScalarImage, shape, affine, z0: int, nz: int) -> tio.
     return tio.Resample(((shape[0], shape[1], nz), sub_affine), image_interpolation="linear")(part)
 
 
+class _SlabWriter:
+    """Writes whole z slabs of a Fortran-ordered float32 NIfTI body with positioned writes.
+
+    A z slab of an (X, Y, Z) Fortran array is one contiguous byte range, so each slab is a single
+    ``os.pwrite``. Unlike a memory map, written pages stay in the page cache, not in the
+    process's resident memory, so RSS does not grow with the output.
+    """
+
+    def __init__(self, fd: int, offset: int, shape):
+        self.fd, self.offset, self.shape = fd, int(offset), tuple(int(n) for n in shape)
+
+    def __setitem__(self, key, value) -> None:
+        _, _, zs = key
+        block = np.asarray(value, dtype=np.float32)
+        pos = self.offset + zs.start * self.shape[0] * self.shape[1] * 4
+        data = block.tobytes(order="F")
+        while data:
+            n = os.pwrite(self.fd, data, pos)
+            data, pos = data[n:], pos + n
+
+
 def _window_groups(inferer, shape):
     """For a 3D ``SlidingWindowInferer`` whose window fits in the stack: MONAI's window slices
     on the whole volume grouped by z start, and MONAI's importance map; otherwise None (slab
@@ -213,15 +234,18 @@ def stream_predict(
             hdr.write_to(fh)
             fh.write(b"\0" * (offset - fh.tell()))
             fh.truncate(offset + int(np.prod(shape)) * 4)
-        out = np.memmap(part, dtype=np.float32, mode="r+", offset=offset, shape=shape, order="F")
-        predictor.network.eval()
-        groups = _window_groups(predictor.inferer, shape)
-        if groups is not None:
-            _stream_windows(predictor, lr, shape, affine, rescale, out, *groups, progress)
-        else:
-            _stream_slabs(predictor, lr, shape, affine, rescale, out, span, chunk, progress)
-        out.flush()
-        del out
+        fd_out = os.open(part, os.O_WRONLY)
+        try:
+            out = _SlabWriter(fd_out, offset, shape)
+            predictor.network.eval()
+            groups = _window_groups(predictor.inferer, shape)
+            if groups is not None:
+                _stream_windows(predictor, lr, shape, affine, rescale, out, *groups, progress)
+            else:
+                _stream_slabs(predictor, lr, shape, affine, rescale, out, span, chunk, progress)
+            os.fsync(fd_out)
+        finally:
+            os.close(fd_out)
         if suffix == ".nii.gz":
             fd, gz = tempfile.mkstemp(
                 prefix=f".{target.name}.", suffix=".part.nii.gz", dir=target.parent
