@@ -1,13 +1,12 @@
-"""Streaming whole-stack inference: the output is written slab by slab into a memory-mapped
-NIfTI, so peak memory does not grow with the output volume (a 1536 x 1536 x 1024 micro-CT stack
-is 9.7 GB as float32).
+"""Streaming whole-stack inference: the output is written to a NIfTI on disk as it is
+computed, so peak memory does not grow with the output volume (a 1536 x 1536 x 1024 micro-CT
+stack is 9.7 GB as float32).
 
-The HR grid is cut into slabs of ``chunk`` slices along z. Each slab is predicted from the LR
-resampled onto the sub-grid that holds every sliding window touching the slab (for 3D models;
-the slab half-width for 2.5D ones), chosen so that MONAI places exactly the windows and Gaussian
-weights it would place on the whole volume: the streamed result equals the whole-volume result
-(up to float summation order). Windows that straddle two slabs are computed twice, the overhead
-``benchmarks/inference.py`` reports.
+3D models (`_stream_windows`): MONAI's own window grid and Gaussian importance map, every window
+run once, one row of windows (one z start) at a time; the LR is resampled only for that row's
+slices, and slices no later window reaches are normalised and written. 2D / 2.5D models
+(`_stream_slabs`): slabs of ``chunk`` slices, each with the slab half-width of context. Both equal
+the whole-volume result up to float summation order (tested).
 
 The data go to ``.<name>.part.nii`` beside the target; a ``.nii.gz`` target is compressed in a
 streamed pass; the target appears by an atomic rename only when complete. A killed run leaves
