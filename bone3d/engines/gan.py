@@ -37,6 +37,20 @@ def _scales(out) -> list[list[torch.Tensor]]:
     return [list(s) if isinstance(s, (list, tuple)) else [s] for s in out]
 
 
+def finish_iteration(engine):
+    """Fire MONAI's iteration events as ``SupervisedTrainer`` does (handlers on
+    FORWARD/LOSS/BACKWARD_COMPLETED run, and MODEL_COMPLETED decollates ``engine.state.output``
+    for the other handlers); return the output."""
+    for event in (
+        IterationEvents.FORWARD_COMPLETED,
+        IterationEvents.LOSS_COMPLETED,
+        IterationEvents.BACKWARD_COMPLETED,
+        IterationEvents.MODEL_COMPLETED,
+    ):
+        engine.fire_event(event)
+    return engine.state.output
+
+
 def _item(x) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -179,8 +193,6 @@ class PairedGANStep:
         engine.optimizer.step()
         self.d.requires_grad_(True)
 
-        # MONAI's trainer events: handlers on FORWARD/LOSS/BACKWARD_COMPLETED fire as in
-        # SupervisedTrainer, and MODEL_COMPLETED decollates the output for the other handlers
         engine.state.output = {
             "image": x,
             "label": y,
@@ -193,14 +205,7 @@ class PairedGANStep:
             "d_real": float(real_out[-1][-1].detach().mean()),
             "d_fake": float(fake_out[-1][-1].detach().mean()),
         }
-        for event in (
-            IterationEvents.FORWARD_COMPLETED,
-            IterationEvents.LOSS_COMPLETED,
-            IterationEvents.BACKWARD_COMPLETED,
-            IterationEvents.MODEL_COMPLETED,
-        ):
-            engine.fire_event(event)
-        return engine.state.output
+        return finish_iteration(engine)
 
 
 def gan_losses(output) -> dict:

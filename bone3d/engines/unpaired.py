@@ -23,10 +23,9 @@ import random
 
 import torch
 import torch.nn.functional as F
-from monai.engines.utils import IterationEvents
 from torch import nn
 
-from bone3d.engines.gan import _scales, d_loss, g_adv_loss
+from bone3d.engines.gan import _scales, d_loss, finish_iteration, g_adv_loss
 
 
 class ImagePool:
@@ -142,11 +141,4 @@ class CycleGANStep:
             "d_real": float(real_b[-1][-1].detach().mean()),
             "d_fake": float(pooled_b[-1][-1].detach().mean()),
         }
-        for event in (
-            IterationEvents.FORWARD_COMPLETED,
-            IterationEvents.LOSS_COMPLETED,
-            IterationEvents.BACKWARD_COMPLETED,
-            IterationEvents.MODEL_COMPLETED,
-        ):
-            engine.fire_event(event)
-        return engine.state.output
+        return finish_iteration(engine)
