@@ -167,6 +167,22 @@ def test_infer_rejects_a_folder_that_is_no_bundle(files, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "case, words",
+    [("folder", "not a bone3d bundle"), ("no_weights", "no trained weights"),
+     ("variant", "no such variant"), ("not_zip", "is a .zip")],
+)  # fmt: skip
+def test_export_rejects(files, tmp_path, capsys, case, words):
+    out = tmp_path / ("out.tar" if case == "not_zip" else "out.zip")
+    bundle = files["folder"] if case == "folder" else BUNDLE
+    argv = ["export", str(bundle), "-o", str(out)]
+    if case == "no_weights":
+        argv += ["--checkpoint", str(tmp_path / "missing.pt")]
+    if case == "variant":
+        argv += ["--variant", "4d"]
+    _check(capsys, argv, [], [out], words)
+
+
 def test_prepare_rejects_mismatched_lr_hr_fields(files, tmp_path, capsys):
     hr = write_volume(
         make_image(np.zeros((40, 40, 40), np.float32) + np.arange(40), spacing=(0.05,) * 3),
