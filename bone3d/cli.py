@@ -449,6 +449,7 @@ def cmd_tracking_server(args) -> int:
     if args.action == "start":
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: binding to {args.host} exposes an unauthenticated MLflow server")
+        print("starting PostgreSQL and the MLflow server (a minute on first use) ...", flush=True)
         st = tracking.start(args.root, host=args.host, port=args.port, pg_port=args.pg_port)
         print(f"MLflow server at {st['uri']} (PID {st['mlflow_pid']}), backend {st['backend']}")
         print(f"artifacts in {st['artifacts']}, log {st['log']}")

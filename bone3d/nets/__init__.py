@@ -177,22 +177,15 @@ def build_spec(
     return entry.cls, args
 
 
-def build(
-    name: str,
-    spatial_dims: int = 3,
-    preset: str = "cpu3d",
-    in_channels: int = 1,
-    out_channels: int = 1,
-    scale=None,
-    **kwargs,
-) -> nn.Module:
-    """Build registry network ``name`` with ``preset``; ``kwargs`` override the preset.
+def build(name: str, *args, **kwargs) -> nn.Module:
+    """Build registry network ``name``; the arguments are `build_spec`'s (``spatial_dims``,
+    ``preset``, ``in_channels``, ``out_channels``, ``scale``; other keywords override the preset).
 
     ``scale`` (per-axis integers) is used by the post-upsampling models and the DAN parts.
     """
-    cls, args = build_spec(name, spatial_dims, preset, in_channels, out_channels, scale, **kwargs)
+    cls, spec = build_spec(name, *args, **kwargs)
     try:
-        return cls(**args)
+        return cls(**spec)
     except (TypeError, ValueError) as err:
         raise InputError(name, str(err)) from None
 
