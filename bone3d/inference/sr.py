@@ -49,7 +49,8 @@ class VolumePredictor:
             outputs are predicted in memory (no streaming).
         stream_voxels: outputs with more voxels than this (default 64 Mi, 256 MB as float32) are
             written slab by slab into a memory-mapped NIfTI (`bone3d.inference.stream`).
-        chunk: slices per slab when streaming.
+        chunk: slices per slab when streaming with a 2D / 2.5D inferer (3D models stream one
+            row of windows at a time).
     """
 
     def __init__(

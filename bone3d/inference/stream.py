@@ -207,7 +207,9 @@ def stream_predict(
     chunk: int = 32,
     progress: bool = True,
 ) -> Path:
-    """Predict ``lr`` with ``predictor`` (a `VolumePredictor`) slab by slab into ``output``."""
+    """Predict ``lr`` with ``predictor`` (a `VolumePredictor`) into ``output`` as it is computed:
+    one row of 3D windows at a time (`_stream_windows`), or ``chunk`` slices at a time for 2D /
+    2.5D inferers and windows as deep as the stack (`_stream_slabs`)."""
     target = Path(output).expanduser()
     suffix = suffix_of(target)
     if suffix not in (".nii", ".nii.gz"):
