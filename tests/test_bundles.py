@@ -194,3 +194,32 @@ def test_gan_bundle_trains_under_ddp(tmp_path):
     assert "-ddp-" in run.info.run_name and client.get_metric_history(
         run.info.run_id, "train_loss_d"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle, variant", [("unet_sr", "3d"), ("rcan", "2p5d")])
+def test_morphometry_loss_overlay_trains(bundle, variant, datalist, tmp_path):
+    """``common/morphometry_loss_base.json`` listed after a bundle's configs swaps its loss for
+    `bone3d.losses.MorphometryLoss` (a post-upsampling 2.5D net: its HR-slice channels are
+    separate images) and records the weights in MLflow."""
+    b = ROOT / "bundles" / bundle
+    models, db = tmp_path / "models", tmp_path / "mlruns.db"
+    depth = DEPTH[variant] * (1 if variant == "3d" else _train_config(b).get("scale") or 1)
+    _run(
+        ["-m", "monai.bundle", "run", *bundle_cli_args(b, "train", variant, "morphometry_loss"),
+         "--tracking", "mlflow", "--bundle_root", str(b), "--datalist", str(datalist),
+         "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "runs"),
+         "--tracking_uri", f"sqlite:///{db}", "--net_preset", "tiny",
+         "--patch_size", f"[32,32,{depth}]", "--max_epochs", "2", "--val_interval", "2",
+         "--samples_per_volume", "2", "--queue_length", "4"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(experiment_name(datalist)).experiment_id]
+    )
+    assert run.info.run_name.startswith(f"{_train_config(b)['model_name']}-{variant}-morpho-")
+    weights = json.loads(run.data.params["morphometry_loss"].replace("'", '"'))
+    assert weights == {"pixel": 1.0, "bvtv": 1.0, "thickness": 1.0, "spacing": 1.0, "euler": 0.1}
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert losses and all(np.isfinite(losses))

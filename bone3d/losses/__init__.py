@@ -1,0 +1,21 @@
+"""Training losses beyond MONAI's: morphometry-aware terms (`bone3d.losses.morphometry`)."""
+
+from bone3d.losses.morphometry import (
+    MorphometryLoss,
+    granulometry,
+    otsu_threshold,
+    soft_bone,
+    soft_bvtv,
+    soft_euler,
+    soft_thickness,
+)
+
+__all__ = [
+    "MorphometryLoss",
+    "granulometry",
+    "otsu_threshold",
+    "soft_bone",
+    "soft_bvtv",
+    "soft_euler",
+    "soft_thickness",
+]
