@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torchio as tio
 
 from bone3d.data.phantom import make_phantom
-from bone3d.data.prepare import _two_class_means
+from bone3d.data.prepare import two_class_means
 from bone3d.data.simulate import crop_to_lr_field, scan_pair
 from bone3d.errors import InputError
 from bone3d.io import read_volume
@@ -49,7 +49,7 @@ def test_tre_on_phantom_within_bound_in_19_of_20_trials(specimen, preset, record
 @pytest.mark.parametrize("preset", ["hrpqct", "mdct"])
 def test_tre_on_lhdl_micro_ct_within_bound_in_19_of_20_trials(shared_data, preset, record_property):
     spec = read_volume(shared_data / LHDL)
-    im = _two_class_means(spec.data[0].numpy().astype(np.float32))
+    im = two_class_means(spec.data[0].numpy().astype(np.float32))
     records = list(tre_trials(spec, preset, core_mm=1.95, n=20, intensity_map=im))
     _check_trials(records, preset, record_property)
 

@@ -188,6 +188,22 @@ def _place_pores(spec: PhantomSpec, shell: np.ndarray, rng) -> tuple[np.ndarray,
     return pores, len(placed)
 
 
+def render_grey(bone: np.ndarray, spec: PhantomSpec | None = None, rng=None) -> np.ndarray:
+    """Grey micro-CT (float32, mg HA/cm^3) of a binary bone array by the phantom intensity model:
+    marrow and tissue densities of ``spec``, Gaussian partial-volume blur of ``pv_sigma_vox``
+    voxels, additive Gaussian noise of ``noise_sd_mgha`` (``rng``: a NumPy Generator or seed).
+    Used for the phantoms and to give binary micro-CT (e.g. BoneBox ROIs) grey values."""
+    spec = spec or PhantomSpec()
+    rng = np.random.default_rng(rng)
+    grey = np.asarray(bone, dtype=np.float32)
+    if spec.pv_sigma_vox > 0:
+        grey = ndi.gaussian_filter(grey, spec.pv_sigma_vox)
+    grey = spec.marrow_mgha + (spec.tissue_mgha - spec.marrow_mgha) * grey
+    if spec.noise_sd_mgha > 0:
+        grey += spec.noise_sd_mgha * rng.standard_normal(grey.shape, dtype=np.float32)
+    return grey.astype(np.float32)
+
+
 def make_phantom(spec: PhantomSpec | None = None, **overrides) -> Phantom:
     """Generate a phantom. Same spec (seed included) gives identical bytes.
 
@@ -217,13 +233,7 @@ def make_phantom(spec: PhantomSpec | None = None, **overrides) -> Phantom:
         bone |= shell & ~pores
         cortex_mask = shell
 
-    grey = bone.astype(np.float32)
-    if spec.pv_sigma_vox > 0:
-        grey = ndi.gaussian_filter(grey, spec.pv_sigma_vox)
-    grey = spec.marrow_mgha + (spec.tissue_mgha - spec.marrow_mgha) * grey
-    if spec.noise_sd_mgha > 0:
-        grey += spec.noise_sd_mgha * rng.standard_normal(spec.shape, dtype=np.float32)
-    grey = grey.astype(np.float32)
+    grey = render_grey(bone, spec, rng)
 
     sp = (spec.spacing_mm,) * 3
     return Phantom(

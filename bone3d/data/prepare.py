@@ -34,7 +34,8 @@ from bone3d.io import read_volume, write_json, write_volume
 from bone3d.morphometry.thresholds import threshold_value
 
 
-def _two_class_means(array: np.ndarray) -> tuple[float, float]:
+def two_class_means(array: np.ndarray) -> tuple[float, float]:
+    """Mean grey value below and above ImageJ's IsoData threshold (marrow, bone)."""
     t = threshold_value(array, "isodata")
     return float(array[array <= t].mean()), float(array[array > t].mean())
 
@@ -89,7 +90,7 @@ def prepare(
             )
             ph = make_phantom(spec)
             d = degrade(ph.image, p, seed=seed * 1000 + i, misalign=misalign)
-            items.append(_write_specimen(out / sid, sid, ph.image, d, truth=ph.truth, spec=spec))
+            items.append(write_specimen(out / sid, sid, ph.image, d, truth=ph.truth, spec=spec))
         hr_win = [-200.0, 1200.0]
         meta.update(hr_units="mg HA/cm^3", hr_range=hr_win)
         meta["lr_range"] = [p.hu_slope * v + p.hu_intercept for v in hr_win]
@@ -111,9 +112,9 @@ def prepare(
         for i, f in enumerate(tqdm(files, desc="hr volumes", disable=None if progress else True)):
             sid = f.name.split(".")[0]
             hr = read_volume(f, spacing=hr_spacing)
-            lo, hi = _two_class_means(hr.data[0].numpy().astype(np.float32))
+            lo, hi = two_class_means(hr.data[0].numpy().astype(np.float32))
             d = degrade(hr, p, seed=seed * 1000 + i, misalign=misalign, intensity_map=(lo, hi))
-            items.append(_write_specimen(out / sid, sid, hr, d))
+            items.append(write_specimen(out / sid, sid, hr, d))
             windows.append(_window(lo, hi))
             spacings.append([float(s) for s in hr.spacing])
         if not np.allclose(spacings, spacings[0], rtol=1e-3):
@@ -134,7 +135,9 @@ def prepare(
     return write_datalist(out / "datalist.json", items, split, split_seed=seed, **meta)
 
 
-def _write_specimen(folder: Path, sid: str, hr, degraded, *, truth=None, spec=None) -> dict:
+def write_specimen(folder: Path, sid: str, hr, degraded, *, truth=None, spec=None) -> dict:
+    """Write one LR/HR pair (HR cut to the LR field of view) and its ``degradation.json`` into
+    ``folder``; returns the datalist entry."""
     folder.mkdir(parents=True, exist_ok=True)
     lr = degraded.image
     item = {"specimen": sid}
@@ -184,8 +187,8 @@ def _pairs(csv_path: Path, out: Path, progress: bool, register: bool, options: d
                     "target": rec["files"]["hr"],
                 }
             )
-            lr_w.append(_window(*_two_class_means(lr.data[0].numpy().astype(np.float32))))
-            hr_w.append(_window(*_two_class_means(hr_c.data[0].numpy().astype(np.float32))))
+            lr_w.append(_window(*two_class_means(lr.data[0].numpy().astype(np.float32))))
+            hr_w.append(_window(*two_class_means(hr_c.data[0].numpy().astype(np.float32))))
             spacings.append([float(s) for s in hr.spacing])
             continue
         try:
@@ -201,8 +204,8 @@ def _pairs(csv_path: Path, out: Path, progress: bool, register: bool, options: d
                 "target": str(write_volume(hr_c, folder / "hr.nii.gz")),
             }
         )
-        lr_w.append(_window(*_two_class_means(lr.data[0].numpy().astype(np.float32))))
-        hr_w.append(_window(*_two_class_means(hr_c.data[0].numpy().astype(np.float32))))
+        lr_w.append(_window(*two_class_means(lr.data[0].numpy().astype(np.float32))))
+        hr_w.append(_window(*two_class_means(hr_c.data[0].numpy().astype(np.float32))))
         spacings.append([float(s) for s in hr.spacing])
     if not items:
         raise InputError(csv_path, f"no pair passed registration QA: {flagged}")

@@ -80,7 +80,9 @@ def sub_vois(region: np.ndarray, split: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _morpho(vol, spacing, voi, threshold):
+def voi_morphometry(vol, spacing, voi, threshold) -> dict:
+    """`PARAMS` of ``vol`` in ``voi`` (segmented by ``threshold`` computed inside the VOI) and the
+    threshold used."""
     from bone3d.morphometry import morphometry, segment
 
     bone, t = segment(vol, threshold, mask=voi)
@@ -352,7 +354,7 @@ def evaluate(
     vois = [("voi", region), *blocks.items()]
     for voi_name, voi in tqdm(vois, desc="morphometry", unit="VOI", disable=None):
         for m in methods:
-            vals = _morpho(vols[m], spacing, voi, threshold)
+            vals = voi_morphometry(vols[m], spacing, voi, threshold)
             rows.append({"voi": voi_name, "method": m, **vals})
             if voi_name == "voi":
                 per_voi[m] = vals

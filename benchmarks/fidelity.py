@@ -1,0 +1,504 @@
+"""Morphometric fidelity of super-resolution: does bone3d beat the low-res input on every bone
+parameter, on specimens never seen in training?
+
+Data (HR at 50 um, 96^3 voxels = 4.8 mm cubes, mg HA/cm^3):
+
+* the BoneBox L1 vertebral ROIs in ``../shared/data/bonebox_l1_trabecular_rois`` (binary micro-CT,
+  50 um as the BoneBox code assumes), centre-cropped and given grey values by the phantom
+  intensity model (`bone3d.data.phantom.render_grey`);
+* the LHDL human trabecular core (``lhdl_human_trabecular_uct``, grey micro-CT at 19.5 um), mapped
+  to mg HA/cm^3 by its two IsoData class means (marrow 0, tissue 1000) and area-averaged to 50 um;
+* generated phantoms (`bone3d.data.phantom`), for more training variety.
+
+Split by **donor**: test and validation volumes are whole BoneBox specimens (every ROI of a donor
+in one split), chosen with the seed; everything else trains. Each HR volume is degraded with each
+preset (``hrpqct``, ``mdct``; `bone3d.data.simulate`).
+
+Methods, per degradation: the LR input resampled to the HR grid (trilinear, and cubic B-spline;
+TorchIO/SimpleITK), and for every bundle x variant the model trained through ``python -m
+monai.bundle run`` with its own loss and with ``common/morphometry_loss_base.json``
+(`bone3d.losses.MorphometryLoss`), then rebuilt whole with ``bone3d infer``.
+
+Scores on the test volumes: PSNR and SSIM (3D, MONAI, data range = the HR window width), and
+per 48^3 sub-VOI (8 per volume) BV/TV, Tb.Th, Tb.Sp, Tb.N, Conn.D, DA, each volume segmented by
+its own ImageJ IsoData threshold inside the VOI (`bone3d.evaluation.report.voi_morphometry`,
+BoneJ conventions): mean absolute relative error vs HR, Pearson R and ICC(2,1) across the test
+VOIs (`bone3d.evaluation.stats.agreement`). LR rows are listed for comparison.
+
+Writes one MLflow experiment ``bone3d-fidelity`` (training runs with their ``fid_*`` scores,
+baseline runs) into ``WORK/mlruns.db``, ``benchmarks/results/fidelity.json`` (every row, the
+split, timings, the acceptance checks) and the best model (lowest mean error over BV/TV, Tb.Th,
+Tb.Sp, Conn.D and DA under ``hrpqct``) as an exported bundle in
+``benchmarks/results/best_bundle/`` (`bone3d export`, weights included).
+
+    .venv/bin/python benchmarks/fidelity.py                 # everything (2 h budget on 2 cores)
+    .venv/bin/python benchmarks/fidelity.py --degradations hrpqct --variants 3d --models unet_sr
+
+Trained models are kept in ``WORK`` (``benchmarks/results/work``, not committed): a rerun skips
+finished trainings and resumes interrupted ones from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+HR_MM = 0.05
+SIZE = 96
+HR_RANGE = (-200.0, 1200.0)  # the phantoms' window, mg HA/cm^3
+FIDELITY = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")  # the acceptance parameters
+EXPERIMENT = "bone3d-fidelity"
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def _centre_crop(a: np.ndarray, n: int) -> np.ndarray:
+    lo = [(s - n) // 2 for s in a.shape]
+    return a[tuple(slice(max(o, 0), max(o, 0) + n) for o in lo)]
+
+
+def hr_volumes(n_phantoms: int, seed: int) -> list[dict]:
+    """Every HR volume: ``{"id", "donor", "source", "image"}`` (tio image, mg HA/cm^3, 50 um)."""
+    from bone3d.data.phantom import PhantomSpec, make_phantom, render_grey
+    from bone3d.data.prepare import two_class_means
+    from bone3d.data.simulate import area_resample
+    from bone3d.io import make_image, read_volume
+
+    sp = (HR_MM,) * 3
+    out = []
+    for f in sorted((DATA / "bonebox_l1_trabecular_rois").glob("isodata_*_roi_*.nrrd")):
+        donor, roi = re.match(r"isodata_(\d+)_roi_(\d+)", f.name).groups()
+        bone = _centre_crop(read_volume(f, spacing=sp).data[0].numpy() > 0, SIZE)
+        grey = render_grey(bone, PhantomSpec(), rng=seed * 1000 + int(roi))
+        out.append(
+            {"id": f"bonebox_{donor}_{roi}", "donor": f"bonebox_{donor}", "source": str(f),
+             "image": make_image(grey, spacing=sp)}
+        )  # fmt: skip
+    lhdl = next((DATA / "lhdl_human_trabecular_uct").glob("*.nii.gz"))
+    img = read_volume(lhdl)
+    a = img.data[0].numpy().astype(np.float32)
+    lo, hi = two_class_means(a)
+    a = PhantomSpec().marrow_mgha + (a - lo) / (hi - lo) * PhantomSpec().tissue_mgha
+    a = area_resample(a, img.spacing, sp)
+    out.append({"id": "lhdl_3155", "donor": "lhdl_3155", "source": str(lhdl),
+                "image": make_image(a, spacing=sp)})  # fmt: skip
+    rng = np.random.default_rng(seed)
+    for i in range(n_phantoms):
+        ph = make_phantom(
+            shape=(SIZE,) * 3, spacing_mm=HR_MM, bv_tv=float(rng.uniform(0.08, 0.3)),
+            tb_th_mm=float(rng.uniform(0.12, 0.22)), rod_fraction=float(rng.uniform(0.2, 0.8)),
+            anisotropy=float(rng.uniform(1.0, 1.6)), seed=seed * 1000 + 500 + i,
+        )  # fmt: skip
+        out.append({"id": f"phantom{i:02d}", "donor": f"phantom{i:02d}", "source": "phantom",
+                    "image": ph.image})  # fmt: skip
+    return out
+
+
+def donor_split(volumes: list[dict], n_test: int, n_val: int, seed: int) -> dict[str, list[str]]:
+    """Test and validation donors drawn (seeded) from the single-ROI BoneBox donors; the donor
+    with several ROIs, LHDL and the phantoms always train. Returns volume ids per split."""
+    donors = sorted({v["donor"] for v in volumes})
+    per = {d: [v["id"] for v in volumes if v["donor"] == d] for d in donors}
+    candidates = [d for d in donors if d.startswith("bonebox_") and len(per[d]) == 1]
+    order = list(np.random.default_rng(seed).permutation(candidates))
+    test, val = order[:n_test], order[n_test : n_test + n_val]
+    ids = {
+        "test": [i for d in test for i in per[d]],
+        "validation": [i for d in val for i in per[d]],
+    }
+    ids["training"] = [v["id"] for v in volumes if v["id"] not in ids["test"] + ids["validation"]]
+    return ids
+
+
+def build_dataset(volumes, split, preset: str, out: Path, seed: int) -> Path:
+    from bone3d.data.datalist import write_datalist
+    from bone3d.data.prepare import write_specimen
+    from bone3d.data.simulate import degrade, get_preset
+
+    path = out / "datalist.json"
+    if path.is_file():
+        return path
+    p = get_preset(preset)
+    items = []
+    for i, v in enumerate(volumes):
+        d = degrade(v["image"], p, seed=seed * 1000 + i)
+        items.append(write_specimen(out / v["id"], v["id"], v["image"], d))
+    return write_datalist(
+        path, items, split, split_seed=seed, preset=preset, misaligned=False,
+        hr_units="mg HA/cm^3", hr_range=list(HR_RANGE),
+        lr_range=[p.hu_slope * x + p.hu_intercept for x in HR_RANGE],
+        hr_spacing_mm=[HR_MM] * 3, name=f"fidelity-{preset}",
+    )  # fmt: skip
+
+
+# --- training and inference -----------------------------------------------------------------
+
+
+def _py(args: list[str], log: Path) -> None:
+    with open(log, "a") as fh:
+        res = subprocess.run([sys.executable, *args], stdout=fh, stderr=subprocess.STDOUT)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])} failed; see {log}")
+
+
+def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path, db: Path,
+          epochs: dict) -> dict:  # fmt: skip
+    """One training through ``monai.bundle run``; skipped when ``run_dir`` holds a finished one."""
+    from bone3d.engines import bundle_cli_args
+
+    b = ROOT / "bundles" / bundle
+    ckpt = run_dir / "models"
+    done = run_dir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = json.loads((b / "configs" / "train.json").read_text())
+    scale = cfg.get("scale") or 1
+    names = ["train", variant] + (["morphometry_loss"] if morpho else [])
+    if variant == "3d":
+        shape = ["--patch_size", "[32,32,32]", "--batch_size", "4"]
+    else:
+        shape = ["--patch_size", f"[64,64,{5 * scale}]", "--batch_size", "8"]
+    n_ep = epochs[variant]
+    t0 = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _py(
+        ["-m", "monai.bundle", "run", *bundle_cli_args(b, *names), "--tracking", "mlflow",
+         "--bundle_root", str(b), "--datalist", str(datalist), "--ckpt_dir", str(ckpt),
+         "--output_dir", str(run_dir / "runs"), "--tracking_uri", f"sqlite:///{db}",
+         "--experiment_name", EXPERIMENT, "--net_preset", "cpu3d", *shape,
+         "--max_epochs", str(n_ep), "--val_interval", str(n_ep), "--samples_per_volume", "4",
+         "--queue_length", "32"],
+        run_dir / "train.log",
+    )  # fmt: skip
+    info = {
+        "bundle": bundle, "variant": variant, "morphometry_loss": morpho, "epochs": n_ep,
+        "train_s": round(time.perf_counter() - t0, 1), "checkpoint": str(ckpt / "model.pt"),
+        "run_name": json.loads((ckpt / "run.json").read_text())["run_name"],
+    }  # fmt: skip
+    done.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def infer(bundle: str, variant: str, checkpoint: str, lr: str, out: Path, log: Path) -> Path:
+    if not out.is_file():
+        _py(["-m", "bone3d.cli", "infer", str(ROOT / "bundles" / bundle), lr, "-o", str(out),
+             "--variant", variant, "--checkpoint", checkpoint], log)  # fmt: skip
+    return out
+
+
+# --- scoring --------------------------------------------------------------------------------
+
+
+def _on_hr(lr, hr, interpolation: str) -> np.ndarray:
+    import torchio as tio
+
+    out = tio.Resample(hr, image_interpolation=interpolation)(tio.Subject(lr=lr))["lr"]
+    return out.data[0].numpy().astype(np.float32)
+
+
+def score_volume(vols: dict[str, np.ndarray], hr: np.ndarray) -> list[dict]:
+    """PSNR/SSIM per method and morphometry per sub-VOI for methods and HR, all cut to the
+    smallest common shape (post-upsampling outputs cover whole multiples of the scale)."""
+    from bone3d.evaluation.image import psnr, ssim
+    from bone3d.evaluation.report import sub_vois, voi_morphometry
+
+    shape = tuple(min(s) for s in zip(hr.shape, *(v.shape for v in vols.values()), strict=True))
+    cut = tuple(slice(0, n) for n in shape)
+    hr = hr[cut]
+    rng = HR_RANGE[1] - HR_RANGE[0]
+    rows = []
+    blocks = sub_vois(np.ones(shape, bool), 2)
+    for name, v in {**vols, "HR": hr}.items():
+        v = v[cut]
+        img = {} if name == "HR" else {"psnr_db": psnr(v, hr, rng), "ssim": ssim(v, hr, rng)}
+        for bname, voi in blocks.items():
+            m = voi_morphometry(v, (HR_MM,) * 3, voi, "isodata")
+            rows.append({"method": name, "voi": bname, **img, **m})
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    """Per method: mean PSNR/SSIM, and per parameter MARE, Pearson R, ICC(2,1) vs HR."""
+    from bone3d.evaluation import stats
+    from bone3d.evaluation.report import PARAMS
+
+    hr = {(r["specimen"], r["voi"]): r for r in rows if r["method"] == "HR"}
+    out = {}
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "HR"):
+        mine = [r for r in rows if r["method"] == m]
+        s = {
+            "psnr_db": float(np.mean([r["psnr_db"] for r in mine])),
+            "ssim": float(np.mean([r["ssim"] for r in mine])),
+            "n_voi": len(mine),
+        }
+        for p in PARAMS:
+            x = np.array([r[p] if r[p] is not None else np.nan for r in mine], float)
+            y = np.array([hr[(r["specimen"], r["voi"])][p] for r in mine], float)
+            ok = np.isfinite(x) & np.isfinite(y) & (y != 0)
+            s[f"{p}_mare"] = float(np.mean(np.abs(x[ok] - y[ok]) / np.abs(y[ok])))
+            try:
+                a = stats.agreement(x[ok], y[ok])
+                s[f"{p}_r"], s[f"{p}_icc"] = a["pearson"]["r"], a["icc"]["icc"]
+            except Exception:  # no variance or too few VOIs: agreement undefined, say so
+                s[f"{p}_r"] = s[f"{p}_icc"] = None
+        s["fidelity_mare"] = float(np.mean([s[f"{p}_mare"] for p in FIDELITY]))
+        out[m] = s
+    return out
+
+
+def _label(info: dict) -> str:
+    return f"{info['bundle']}-{info['variant']}" + ("+morpho" if info["morphometry_loss"] else "")
+
+
+def acceptance(summary: dict[str, dict[str, dict]], trained: dict[str, list[str]]) -> dict:
+    """The issue's criteria, each with the numbers it was decided on."""
+    out = {}
+    for deg, s in summary.items():
+        lr = s["LR trilinear"]
+        models = [m for m in trained.get(deg, []) if m in s]
+        if not models:
+            continue
+        best = min(models, key=lambda m: s[m]["fidelity_mare"])
+        factor = 0.5 if deg == "hrpqct" else 1.0
+        out[deg] = {
+            "best": best,
+            "error_vs_lr": {
+                p: {
+                    "best": s[best][f"{p}_mare"],
+                    "lr": lr[f"{p}_mare"],
+                    "ok": s[best][f"{p}_mare"] <= factor * lr[f"{p}_mare"],
+                }
+                for p in FIDELITY
+            },  # fmt: skip
+            "error_rule": "<= 0.5 x LR" if factor == 0.5 else "< LR",
+            "pearson_r_ge_0.95": {
+                p: {"r": s[best][f"{p}_r"], "ok": (s[best][f"{p}_r"] or 0) >= 0.95}
+                for p in ("bv_tv", "tb_th_mm", "tb_sp_mm")
+            },
+            "psnr_gain_db": {
+                "gain": s[best]["psnr_db"] - lr["psnr_db"],
+                "ok": s[best]["psnr_db"] - lr["psnr_db"] >= 2.0,
+            },  # fmt: skip
+            "morphometry_loss": {
+                m.removesuffix("+morpho"): {
+                    "fidelity_mare": [
+                        s[m.removesuffix("+morpho")]["fidelity_mare"],
+                        s[m]["fidelity_mare"],
+                    ],
+                    "psnr_db": [s[m.removesuffix("+morpho")]["psnr_db"], s[m]["psnr_db"]],
+                    "improves": s[m]["fidelity_mare"]
+                    < s[m.removesuffix("+morpho")]["fidelity_mare"],
+                    "psnr_within_0.5db": s[m]["psnr_db"]
+                    >= s[m.removesuffix("+morpho")]["psnr_db"] - 0.5,
+                }
+                for m in models
+                if m.endswith("+morpho") and m.removesuffix("+morpho") in s
+            },  # fmt: skip
+        }
+    return out
+
+
+def print_table(deg: str, s: dict[str, dict]) -> None:
+    from bone3d.evaluation.report import PARAMS
+
+    short = {"bv_tv": "BV/TV", "tb_th_mm": "Tb.Th", "tb_sp_mm": "Tb.Sp", "tb_n_per_mm": "Tb.N",
+             "conn_d_per_mm3": "Conn.D", "da": "DA"}  # fmt: skip
+    print(f"\n{deg}: mean absolute relative error vs HR (%) / Pearson R across test VOIs")
+    head = f"{'method':28s}{'PSNR':>7s}{'SSIM':>7s}" + "".join(f"{short[p]:>14s}" for p in PARAMS)
+    print(head)
+    for m, r in s.items():
+        cells = "".join(
+            f"{100 * r[f'{p}_mare']:7.1f} / {r[f'{p}_r']:4.2f}"
+            if r[f"{p}_r"] is not None
+            else f"{100 * r[f'{p}_mare']:7.1f} /  -- "
+            for p in PARAMS
+        )
+        print(f"{m:28s}{r['psnr_db']:7.2f}{r['ssim']:7.3f}{cells}")
+
+
+def export_best(info: dict, target: Path) -> Path:
+    """``bone3d export`` of the best run, unpacked into ``target`` (replaced atomically)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        z = Path(tmp) / "best.zip"
+        _py(["-m", "bone3d.cli", "export", str(ROOT / "bundles" / info["bundle"]), "--variant",
+             info["variant"], "-o", str(z), "--checkpoint", info["checkpoint"]],
+            Path(tmp) / "export.log")  # fmt: skip
+        unpacked = Path(tmp) / "bundle"
+        with zipfile.ZipFile(z) as zf:
+            zf.extractall(unpacked)
+        (inner,) = [p for p in unpacked.iterdir() if p.is_dir()] or [unpacked]
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            target.rename(old)
+        shutil.move(str(inner), target)
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--degradations", nargs="+", default=["hrpqct", "mdct"])
+    ap.add_argument("--variants", nargs="+", default=["3d", "2p5d"])
+    ap.add_argument("--models", nargs="+", default=["unet_sr", "rcan", "pix2pix"])
+    ap.add_argument("--loss", nargs="+", default=["plain", "morpho"], choices=["plain", "morpho"])
+    ap.add_argument("--epochs-3d", type=int, default=30)
+    ap.add_argument("--epochs-2p5d", type=int, default=30)
+    ap.add_argument("--phantoms", type=int, default=6)
+    ap.add_argument("--test", type=int, default=4, help="test donors (single-ROI BoneBox)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=str(RESULTS / "work"))
+    ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
+    ap.add_argument("--no-export", action="store_true")
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        print(f"needs the real micro-CT volumes in {DATA}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    from bone3d.io import read_volume, write_csv, write_json
+
+    t_start = time.perf_counter()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "mlruns.db"
+    epochs = {"3d": args.epochs_3d, "2p5d": args.epochs_2p5d}
+    _log("HR volumes")
+    volumes = hr_volumes(args.phantoms, args.seed)
+    split = donor_split(volumes, args.test, 1, args.seed)
+    _log(f"split: test {split['test']}, validation {split['validation']}, "
+         f"{len(split['training'])} training volumes")  # fmt: skip
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    rows, summary, runs, trained, timing = [], {}, {}, {}, {}
+    for deg in args.degradations:
+        t_deg = time.perf_counter()
+        datalist = build_dataset(volumes, split, deg, work / deg / "data", args.seed)
+        from bone3d.data.datalist import datalist_items
+
+        tests = datalist_items(datalist, "test")
+        infos = []
+        for bundle in args.models:
+            for variant in args.variants:
+                for loss in args.loss:
+                    info = train(bundle, variant, loss == "morpho", datalist,
+                                 work / deg / "runs" / f"{bundle}-{variant}-{loss}", db, epochs)  # fmt: skip
+                    _log(f"{deg} {_label(info)}: trained in {info['train_s']:.0f} s")
+                    infos.append(info)
+        deg_rows = []
+        for item in tests:
+            lr, hr = read_volume(item["image"]), read_volume(item["target"])
+            vols = {
+                "LR trilinear": _on_hr(lr, hr, "linear"),
+                "LR cubic B-spline": _on_hr(lr, hr, "bspline"),
+            }
+            # LR in HR units by least squares, as `bone3d evaluate` does (PSNR needs one scale)
+            h = hr.data[0].numpy().astype(np.float64)
+            for k in list(vols):
+                a, b = np.polyfit(vols[k].ravel().astype(np.float64), h.ravel(), 1)
+                vols[k] = (a * vols[k] + b).astype(np.float32)
+            for info in infos:
+                out = work / deg / "sr" / _label(info) / f"{item['specimen']}.nii.gz"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                infer(info["bundle"], info["variant"], info["checkpoint"], item["image"], out,
+                      out.parent / "infer.log")  # fmt: skip
+                vols[_label(info)] = read_volume(out).data[0].numpy().astype(np.float32)
+            for r in score_volume(vols, h.astype(np.float32)):
+                deg_rows.append({"degradation": deg, "specimen": item["specimen"], **r})
+            _log(f"{deg} {item['specimen']}: scored {len(vols)} methods")
+        summary[deg] = summarise(deg_rows)
+        trained[deg] = [_label(i) for i in infos]
+        runs[deg] = {_label(i): i for i in infos}
+        rows += deg_rows
+        timing[deg] = round(time.perf_counter() - t_deg, 1)
+        print_table(deg, summary[deg])
+        # MLflow: scores on the training runs, baselines as runs of their own
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+        csv = write_csv(deg_rows, work / deg / "voi_scores.csv", list(deg_rows[0]))
+        for m, s in summary[deg].items():
+            if m in runs[deg]:
+                found = client.search_runs(
+                    [exp_id], f"attributes.run_name = '{runs[deg][m]['run_name']}'"
+                )
+                if not found:
+                    continue
+                run_id = found[0].info.run_id
+            else:
+                run_id = client.create_run(
+                    exp_id, run_name=f"{m.replace(' ', '-')}-{deg}",
+                    tags={"bone3d.kind": "baseline"},
+                ).info.run_id  # fmt: skip
+                client.log_param(run_id, "model", m)
+                client.log_param(run_id, "degradation_preset", deg)
+                client.log_param(
+                    run_id, "split_hash", json.loads(datalist.read_text())["split_hash"]
+                )
+                client.set_terminated(run_id)
+            for k, v in s.items():
+                if v is not None:
+                    client.log_metric(run_id, f"fid_{k}", float(v))
+            client.log_artifact(run_id, str(csv), artifact_path="fidelity")
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "elapsed_s": round(time.perf_counter() - t_start, 1),
+        "elapsed_per_degradation_s": timing,
+        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
+        "data": {
+            "hr_spacing_mm": HR_MM,
+            "hr_shape": [SIZE] * 3,
+            "hr_window": list(HR_RANGE),
+            "volumes": [{k: v[k] for k in ("id", "donor", "source")} for v in volumes],
+            "split": split,
+            "sub_vois_per_volume": 8,
+            "segmentation": "ImageJ IsoData per volume, inside each sub-VOI",
+        },  # fmt: skip
+        "trainings": runs,
+        "summary": summary,
+        "acceptance": acceptance(summary, trained),
+        "rows": rows,
+        "mlflow": {"tracking_uri": f"sqlite:///{db}", "experiment": EXPERIMENT},
+    }
+    best = result["acceptance"].get("hrpqct", {}).get("best")
+    if best and not args.no_export:
+        target = export_best(runs["hrpqct"][best], RESULTS / "best_bundle")
+        result["best_bundle"] = {"model": best, "path": str(target.relative_to(ROOT))}
+        _log(f"best model {best} exported to {target}")
+    write_json(result, args.out)
+    print(f"\nwrote {args.out}; {result['elapsed_s'] / 60:.1f} min in all")
+    for deg, acc in result["acceptance"].items():
+        print(f"{deg}: best {acc['best']}; " + ", ".join(
+            f"{p} {'ok' if v['ok'] else 'NOT met'}" for p, v in acc["error_vs_lr"].items()
+        ) + f" ({acc['error_rule']}); R>=0.95: " + ", ".join(
+            f"{p} {'ok' if v['ok'] else 'NOT met'}" for p, v in acc["pearson_r_ge_0.95"].items()
+        ) + f"; PSNR +{acc['psnr_gain_db']['gain']:.2f} dB")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
