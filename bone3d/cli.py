@@ -215,6 +215,30 @@ def cmd_fit_references(args) -> int:
     return 0
 
 
+def cmd_fit_regressor(args) -> int:
+    import numpy as np
+
+    from bone3d.data.datalist import datalist_items, datalist_meta
+    from bone3d.io import read_volume
+    from bone3d.losses.regressor import fit_regressor, save_regressor
+
+    lo, hi = datalist_meta(args.datalist)["hr_range"]
+    vols, spacing = [], None
+    for item in datalist_items(args.datalist, "training"):
+        hr = read_volume(item["target"])
+        vols.append((hr.data[0].numpy().astype(np.float32) - lo) / (hi - lo))  # the bundles' window
+        spacing = tuple(float(s) for s in hr.spacing)
+    model, report = fit_regressor(
+        vols, spacing, spatial_dims=args.spatial_dims, patch=args.patch,
+        n_patches=args.patches, steps=args.steps, seed=args.seed,
+    )  # fmt: skip
+    report |= {"datalist": str(Path(args.datalist).resolve()), "hr_window": [lo, hi]}
+    save_regressor(model, args.output, report)
+    r = ", ".join(f"{k} {v:.3f}" for k, v in report["held_out_pearson_r"].items())
+    print(f"wrote {args.output}; held-out Pearson R: {r}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from bone3d.evaluation.compare import compare, format_table, write_outputs
 
@@ -634,6 +658,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder for niqe_uct.json and fd_bone.pt")
     p.add_argument("--steps", type=int, default=300, help="feature-network training steps")
     p.set_defaults(func=cmd_fit_references)
+
+    p = sub.add_parser(
+        "fit-regressor",
+        help="train the frozen morphometry regressor of bone3d.losses on a datalist's HR volumes",
+    )
+    p.add_argument("--datalist", required=True)
+    p.add_argument("-o", "--output", required=True, help="regressor file (.pt)")
+    p.add_argument("--spatial-dims", type=int, choices=[2, 3], default=3)
+    p.add_argument("--patch", type=int, default=32, help="patch size in voxels")
+    p.add_argument("--patches", type=int, default=384, help="patches measured (half degraded)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_fit_regressor)
 
     p = sub.add_parser(
         "compare",
