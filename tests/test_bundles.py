@@ -220,6 +220,7 @@ def test_morphometry_loss_overlay_trains(bundle, variant, datalist, tmp_path):
     )
     assert run.info.run_name.startswith(f"{_train_config(b)['model_name']}-{variant}-morpho-")
     weights = json.loads(run.data.params["morphometry_loss"].replace("'", '"'))
-    assert weights == {"pixel": 1.0, "bvtv": 1.0, "thickness": 1.0, "spacing": 1.0, "euler": 0.1}
+    overlay = json.loads((ROOT / "bundles/common/morphometry_loss_base.json").read_text())
+    assert weights == overlay["morphometry_loss"]
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert losses and all(np.isfinite(losses))

@@ -251,3 +251,20 @@ def test_regressor_loss_is_frozen_and_differentiable(regressor_2d):
     both = MorphometryLoss(weights={"regressor": 1.0}, regressor=str(path))
     both(x, y)
     assert both.terms["regressor"] == pytest.approx(float(value.detach()), rel=1e-5)
+
+
+def test_fit_regressor_command(tmp_path, capsys):
+    from bone3d.cli import main
+    from bone3d.data.prepare import prepare
+    from bone3d.losses.regressor import load_regressor
+
+    dl = prepare(tmp_path / "data", phantoms=3, phantom_shape=(40, 40, 40), progress=False)
+    out = tmp_path / "reg.pt"
+    assert main(["fit-regressor", "--datalist", str(tmp_path / "nope.json"), "-o", str(out)]) == 2
+    assert "datalist not found" in capsys.readouterr().err
+    assert main(["fit-regressor", "--datalist", str(dl), "-o", str(out), "--patch", "64"]) == 2
+    assert "at least 64 voxels" in capsys.readouterr().err and not out.exists()
+    args = ["--spatial-dims", "2", "--patch", "32", "--patches", "40", "--steps", "20"]
+    assert main(["fit-regressor", "--datalist", str(dl), "-o", str(out), *args]) == 0
+    assert "held-out Pearson R: bv_tv" in capsys.readouterr().out
+    assert load_regressor(out).spatial_dims == 2

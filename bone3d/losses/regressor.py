@@ -27,6 +27,7 @@ from monai.networks.blocks import Convolution
 from scipy import ndimage as ndi
 from torch import nn
 
+from bone3d.errors import InputError
 from bone3d.io import atomic_path
 
 PARAMETERS = {
@@ -133,9 +134,13 @@ def fit_regressor(
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    if not volumes:
+        raise InputError("volumes", "no training volumes")
     for v in volumes:
         if v.ndim != 3 or min(v.shape[:spatial_dims]) < patch:
-            raise ValueError(f"volumes must be 3D and at least {patch} voxels across")
+            raise InputError(
+                "volumes", f"need 3D volumes at least {patch} voxels across, got {v.shape}"
+            )
     raw = _sample(volumes, patch, spatial_dims, n_patches, rng)
     x = [p if i % 2 == 0 else _degrade_patch(p, rng) for i, p in enumerate(raw)]
     y = np.stack([patch_morphometry(p, spacing) for p in x])
