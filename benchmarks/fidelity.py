@@ -368,7 +368,7 @@ def main() -> int:
     ap.add_argument("--loss", nargs="+", default=["plain", "morpho"], choices=["plain", "morpho"])
     ap.add_argument("--epochs-3d", type=int, default=30)
     ap.add_argument("--epochs-2p5d", type=int, default=30)
-    ap.add_argument("--phantoms", type=int, default=6)
+    ap.add_argument("--phantoms", type=int, default=2)
     ap.add_argument("--test", type=int, default=4, help="test donors (single-ROI BoneBox)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(RESULTS / "work"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -287,6 +288,35 @@ def cmd_reader_study(args) -> int:
     return 0
 
 
+def _infer_exported(bundle: Path, args) -> int:
+    """A bundle made by `bone3d export` (one merged inference.json of MONAI parts): MONAI's
+    SaveImaged writes into a temporary folder beside the output, then the file is renamed."""
+    import tempfile
+
+    from monai.bundle import run as bundle_run
+
+    if args.checkpoint:
+        raise InputError("--checkpoint", "an exported bundle uses its own models/model.pt")
+    out = Path(args.output)
+    if out.resolve() == Path(args.input).resolve():
+        raise InputError(out, "the output path is the input; inputs are never overwritten")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".bone3d-infer-") as tmp:
+        bundle_run(
+            config_file=str(bundle / "configs" / "inference.json"),
+            meta_file=str(bundle / "configs" / "metadata.json"),
+            logging_file=str(bundle / "configs" / "logging.conf"),
+            bundle_root=str(bundle),
+            input_image=str(Path(args.input).resolve()),
+            output_dir=tmp,
+        )
+        (made,) = Path(tmp).iterdir()
+        if not "".join(made.suffixes).endswith("".join(out.suffixes) or ".nii.gz"):
+            raise InputError(out, f"the bundle writes {''.join(made.suffixes)} files")
+        os.replace(made, out)
+    return 0
+
+
 def cmd_infer(args) -> int:
     from monai.bundle import run as bundle_run
 
@@ -294,9 +324,13 @@ def cmd_infer(args) -> int:
     from bone3d.io import read_volume
 
     bundle = Path(args.bundle)
-    for c in (bundle / "configs" / "inference.json", bundle / "configs" / f"{args.variant}.json"):
-        if not c.is_file():
-            raise InputError(c, "missing bundle config")
+    if not (bundle / "configs" / "inference.json").is_file():
+        raise InputError(bundle / "configs" / "inference.json", "missing bundle config")
+    if not (bundle.parent / "common").is_dir() and not (bundle / "configs" / "3d.json").is_file():
+        read_volume(args.input)
+        return _infer_exported(bundle, args)
+    if not (bundle / "configs" / f"{args.variant}.json").is_file():
+        raise InputError(bundle / "configs" / f"{args.variant}.json", "missing bundle config")
     files = bundle_files(bundle, "inference", args.variant)
     read_volume(args.input)  # fail fast, with a clear message, before building the network
     overrides = {

@@ -130,6 +130,15 @@ def test_exported_bundle_runs_without_bone3d(bundle, model, variant, plain_pytho
     a, e = ref.data.numpy().ravel(), exported.data.numpy().ravel()
     assert np.corrcoef(a, e)[0, 1] > 0.999
     assert np.abs(a - e).mean() < 0.01 * (a.max() - a.min())
+    # bone3d infer also runs the exported copy (how benchmarks/results/best_bundle is re-checked)
+    again = tmp_path / "again.nii.gz"
+    res = subprocess.run(
+        [sys.executable, "-m", "bone3d.cli", "infer", str(b), str(lr_path), "-o", str(again)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    np.testing.assert_array_equal(read_volume(again).data.numpy(), exported.data.numpy())
+    assert not list(tmp_path.glob(".bone3d-infer-*"))  # its temporary folder is gone
 
 
 def test_export_refuses_an_untrained_bundle(tmp_path):

@@ -194,7 +194,7 @@ class MorphometryLoss(nn.Module):
     """
 
     DEFAULT_WEIGHTS = {
-        "pixel": 1.0, "bvtv": 0.2, "thickness": 0.2, "spacing": 0.2, "euler": 0.02, "regressor": 0.0,
+        "pixel": 1.0, "bvtv": 0.1, "thickness": 0.1, "spacing": 0.1, "euler": 0.01, "regressor": 0.0,
     }  # fmt: skip
 
     def __init__(
