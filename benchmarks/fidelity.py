@@ -374,6 +374,10 @@ def main() -> int:
     ap.add_argument("--work", default=str(RESULTS / "work"))
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     ap.add_argument("--no-export", action="store_true")
+    ap.add_argument(
+        "--merge", action="store_true",
+        help="keep the degradations of an existing --out file that this run does not redo",
+    )  # fmt: skip
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"needs the real micro-CT volumes in {DATA}", file=sys.stderr)
@@ -394,7 +398,15 @@ def main() -> int:
     _log(f"split: test {split['test']}, validation {split['validation']}, "
          f"{len(split['training'])} training volumes")  # fmt: skip
     client = mlflow.MlflowClient(f"sqlite:///{db}")
-    rows, summary, runs, trained, timing = [], {}, {}, {}, {}
+    rows, summary, runs, trained, timing, configs = [], {}, {}, {}, {}, {}
+    prev = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).is_file() else {}
+    for deg in prev.get("summary", {}):
+        if deg in args.degradations:
+            continue
+        summary[deg], runs[deg] = prev["summary"][deg], prev["trainings"][deg]
+        trained[deg], timing[deg] = list(runs[deg]), prev["elapsed_per_degradation_s"][deg]
+        configs[deg] = prev.get("config_per_degradation", {}).get(deg, prev["config"])
+        rows += [r for r in prev["rows"] if r["degradation"] == deg]
     for deg in args.degradations:
         t_deg = time.perf_counter()
         datalist = build_dataset(volumes, split, deg, work / deg / "data", args.seed)
@@ -435,6 +447,8 @@ def main() -> int:
         runs[deg] = {_label(i): i for i in infos}
         rows += deg_rows
         timing[deg] = round(time.perf_counter() - t_deg, 1)
+        configs[deg] = {"models": args.models, "variants": args.variants, "loss": args.loss,
+                        "epochs": epochs, "phantoms": args.phantoms, "seed": args.seed}  # fmt: skip
         print_table(deg, summary[deg])
         # MLflow: scores on the training runs, baselines as runs of their own
         exp = client.get_experiment_by_name(EXPERIMENT)
@@ -467,6 +481,9 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "elapsed_s": round(time.perf_counter() - t_start, 1),
         "elapsed_per_degradation_s": timing,
+        "elapsed_note": "elapsed_s is this invocation; with --merge, kept degradations keep "
+        "their own timings",
+        "config_per_degradation": configs,
         "machine": f"{os.cpu_count()} CPU cores, no GPU",
         "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
         "data": {
@@ -485,7 +502,9 @@ def main() -> int:
         "mlflow": {"tracking_uri": f"sqlite:///{db}", "experiment": EXPERIMENT},
     }
     best = result["acceptance"].get("hrpqct", {}).get("best")
-    if best and not args.no_export:
+    if "hrpqct" not in args.degradations and prev.get("best_bundle"):
+        result["best_bundle"] = prev["best_bundle"]  # hrpqct kept from the earlier run
+    elif best and not args.no_export:
         target = export_best(runs["hrpqct"][best], RESULTS / "best_bundle")
         result["best_bundle"] = {"model": best, "path": str(target.relative_to(ROOT))}
         _log(f"best model {best} exported to {target}")

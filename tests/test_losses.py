@@ -268,3 +268,27 @@ def test_fit_regressor_command(tmp_path, capsys):
     assert main(["fit-regressor", "--datalist", str(dl), "-o", str(out), *args]) == 0
     assert "held-out Pearson R: bv_tv" in capsys.readouterr().out
     assert load_regressor(out).spatial_dims == 2
+
+
+def test_warmup_ramps_the_morphometric_terms_only():
+    from ignite.engine import Engine
+
+    from bone3d.losses import MorphometryWarmup
+
+    y = _random_soft((1, 1, 12, 12, 12), 6).float()
+    x = y.flip(-1)
+    loss = MorphometryLoss()
+    full = float(loss(x, y))
+    pixel = loss.terms["pixel"]
+    seen = []
+
+    def step(engine, _):
+        seen.append((loss.ramp, float(loss(x, y))))
+
+    engine = Engine(step)
+    MorphometryWarmup(loss, iterations=4).attach(engine)
+    engine.run(range(6), max_epochs=1)
+    assert [r for r, _ in seen] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert seen[0][1] == pytest.approx(pixel)  # first iteration: the pixel loss alone
+    assert seen[-1][1] == pytest.approx(full)
+    assert seen[1][1] == pytest.approx(pixel + 0.25 * (full - pixel))

@@ -2,6 +2,7 @@
 
 from bone3d.losses.morphometry import (
     MorphometryLoss,
+    MorphometryWarmup,
     granulometry,
     otsu_threshold,
     soft_bone,
@@ -12,6 +13,7 @@ from bone3d.losses.morphometry import (
 
 __all__ = [
     "MorphometryLoss",
+    "MorphometryWarmup",
     "granulometry",
     "otsu_threshold",
     "soft_bone",

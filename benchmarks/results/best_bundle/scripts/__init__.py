@@ -1,0 +1,1 @@
+"""Network code copied from bone3d by bone3d export."""
