@@ -1,1 +1,0 @@
-"""Network code copied from bone3d by bone3d export."""
