@@ -143,7 +143,11 @@ def fit_regressor(
             )
     raw = _sample(volumes, patch, spatial_dims, n_patches, rng)
     x = [p if i % 2 == 0 else _degrade_patch(p, rng) for i, p in enumerate(raw)]
-    y = np.stack([patch_morphometry(p, spacing) for p in x])
+    from tqdm import tqdm
+
+    y = np.stack(
+        [patch_morphometry(p, spacing) for p in tqdm(x, desc="measuring patches", disable=None)]
+    )
     x = torch.from_numpy(np.stack(x)[:, None].astype(np.float32))
     y = torch.from_numpy(y)
     n_val = max(len(x) // 5, 4)
@@ -154,7 +158,7 @@ def fit_regressor(
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     target = (yt - model.mean) / model.std
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="training regressor", disable=None):
         idx = torch.from_numpy(rng.integers(0, len(xt), batch_size))
         xb = xt[idx]
         flips = [d + 2 for d in range(spatial_dims) if rng.random() < 0.5]  # morphometry-invariant
