@@ -528,19 +528,14 @@ def cmd_tracking_server(args) -> int:
 def cmd_models(args) -> int:
     import torch
 
-    from bone3d.nets import REGISTRY, build, n_parameters
+    from bone3d.nets import REGISTRY, TAKES_SCALE, build, n_parameters
 
     rows = []
     for name, entry in REGISTRY.items():
         for preset in entry.presets:
             counts = {}
             for d in (2, 3):
-                kw = (
-                    {"scale": 2}
-                    if name
-                    in ("fsrcnn", "edsr", "rcan", "rrdb", "r2rcan", "dan_restorer", "dan_estimator")
-                    else {}
-                )
+                kw = {"scale": 2} if name in TAKES_SCALE else {}
                 with torch.device("meta"):  # count without allocating (paper 3D nets are huge)
                     counts[f"params_{d}d"] = n_parameters(build(name, d, preset, **kw))
             rows.append(

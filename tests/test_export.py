@@ -69,8 +69,9 @@ def _checkpoint(tmp: Path, model: str, variant: str) -> Path:
     "bundle, model, variant",
     [
         ("unet_sr", "unet", "3d"),
-        ("pix2pix", "pix2pix_g", "2p5d"),
-        ("rcan", "rcan", "3d"),
+        ("stargan", "stargan", "2p5d"),
+        ("funit", "funit", "3d"),
+        ("dan", "dan", "3d"),
         ("rcan", "rcan", "2p5d"),
     ],
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bone3d.nets import REGISTRY, build, n_parameters
+from bone3d.nets import REGISTRY, TAKES_SCALE, build, n_parameters
 from bone3d.nets.cyclegan import ResnetGenerator
 from bone3d.nets.dan import DANEstimator, DANRestorer
 from bone3d.nets.edsr import EDSR
@@ -86,11 +86,7 @@ def test_tiny_forward_shapes(name, mode):
     d = 3 if mode == "3d" else 2
     slab = 3 if mode == "2p5d" else 1
     size = e.min_size
-    scales = (
-        [(1, 1, 1), (2, 2, 2), (1, 2, 2)]
-        if name in ("fsrcnn", "edsr", "rcan", "rrdb", "r2rcan", "dan_restorer", "dan_estimator")
-        else [None]
-    )
+    scales = [(1, 1, 1), (2, 2, 2), (1, 2, 2)] if name in TAKES_SCALE else [None]
     torch.manual_seed(0)
     for scale in scales:
         sz = scale[2] if (scale and mode == "2p5d") else 1  # HR slices per LR slice
@@ -124,11 +120,7 @@ GENERATORS = sorted(n for n, e in REGISTRY.items() if e.kind in ("generator", "s
 @pytest.mark.parametrize("name", GENERATORS)
 @pytest.mark.parametrize("preset", ["tiny", "cpu3d"])
 def test_generators_script(name, preset):
-    kw = (
-        {"scale": (1, 2, 2)}
-        if name in ("fsrcnn", "edsr", "rcan", "rrdb", "r2rcan", "dan_restorer")
-        else {}
-    )
+    kw = {"scale": (1, 2, 2)} if name in TAKES_SCALE - {"dan_estimator"} else {}
     net = build(name, 3, preset, **kw).eval()
     scripted = torch.jit.script(net)
     size = REGISTRY[name].min_size if preset == "tiny" else 32  # cpu3d nets are deeper

@@ -1,4 +1,4 @@
-"""The CycleGAN training step (`bone3d.engines.unpaired`)."""
+"""The unpaired training steps (`bone3d.engines.unpaired`): CycleGAN, StarGAN, FUNIT."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 
-from bone3d.engines.unpaired import CycleGANStep, ImagePool
+from bone3d.engines.unpaired import CycleGANStep, FUNITStep, ImagePool, StarGANStep
 from bone3d.nets import build
 
 
@@ -104,3 +104,156 @@ def test_ragan_is_refused():
     g_ab, g_ba, d_a, d_b = _nets()
     with pytest.raises(ValueError, match="vanilla, lsgan or hinge"):
         CycleGANStep(g_ba, d_a, d_b, torch.optim.Adam(d_a.parameters()), gan_loss="ragan")
+
+
+def test_image_pools_round_trip_through_a_checkpoint(tmp_path):
+    """The pools are checkpointed (``CycleGANStep.state_dict``): a restored step answers the
+    next queries exactly as the original does, so a resumed CycleGAN replays its D history."""
+    g_ab, g_ba, d_a, d_b = _nets()
+    d_opt = torch.optim.Adam(list(d_a.parameters()) + list(d_b.parameters()), 1e-3)
+    step = CycleGANStep(g_ba, d_a, d_b, d_opt, pool_size=3)
+    for i in range(5):
+        step.pool_a.query(torch.full((2, 1, 4, 4), float(i)))
+        step.pool_b.query(torch.full((2, 1, 4, 4), -float(i)))
+    torch.save(step.state_dict(), tmp_path / "pools.pt")
+    restored = CycleGANStep(g_ba, d_a, d_b, d_opt, pool_size=50)
+    restored.load_state_dict(torch.load(tmp_path / "pools.pt", weights_only=True))
+    assert restored.pool_a.size == 3 and len(restored.pool_b.images) == 3
+    new = torch.full((4, 1, 4, 4), 9.0)
+    random.seed(5)
+    expected = step.pool_a.query(new)
+    random.seed(5)
+    torch.testing.assert_close(restored.pool_a.query(new), expected)
+
+
+# --- StarGAN --------------------------------------------------------------------------------
+
+
+def _stargan(seed=0, n_critic=1):
+    torch.manual_seed(seed)
+    g = build("stargan", 2, "tiny")
+    d = build("stargan_d", 2, "tiny", image_size=32, c_dim=2)
+    step = StarGANStep(d, torch.optim.Adam(d.parameters(), 1e-3), n_critic=n_critic)
+    return g, d, step
+
+
+def _patch_batch(n=2, depth=1, seed=1):
+    """A TorchIO-style batch of 3D patches (B, 1, 32, 32, depth): LR = blurred HR."""
+    g = torch.Generator().manual_seed(seed)
+    hr = (torch.rand(n, 1, 32, 32, depth, generator=g) > 0.6).float()
+    lr = F.avg_pool3d(hr, (5, 5, 1), stride=1, padding=(2, 2, 0))
+    return [{"image": {"data": lr}, "target": {"data": hr}}]
+
+
+def _train(net, step, data, epochs=1, opt=None):
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=epochs,
+        train_data_loader=data,
+        network=net,
+        optimizer=opt or torch.optim.Adam(net.parameters(), 1e-3),
+        loss_function=torch.nn.L1Loss(),
+        iteration_update=step,
+    )
+    trainer.run()
+    return trainer.state.output[0]
+
+
+def test_stargan_step_trains_g_every_n_critic_and_d_every_iteration():
+    g, d, step = _stargan(n_critic=2)
+    step.slab = 0  # 2D: (B, 1, 32, 32, 1) patches are slices
+    g0 = [p.detach().clone() for p in g.parameters()]
+    d0 = [p.detach().clone() for p in d.parameters()]
+    out = _train(g, step, _patch_batch())  # iteration 1: D only
+    assert all(torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, d.parameters(), strict=True))
+    for key in ("loss", "loss_g_gan", "loss_cls", "loss_rec", "loss_d", "loss_gp", "d_real"):
+        assert torch.isfinite(torch.tensor(out[key])), key
+    assert out["pred"].shape == (1, 32, 32)  # decollated: one item
+    out = _train(g, step, _patch_batch() * 2)  # a fresh trainer: iterations 1 and 2
+    assert any(not torch.equal(a, b) for a, b in zip(g0, g.parameters(), strict=True))
+
+
+def test_stargan_gradient_penalty_is_wgan_gp():
+    """GP = mean over samples of (||dD/dx_hat||_2 - 1)^2: for D(x) = 2 sum(x) the gradient is 2
+    everywhere, so GP = (2 sqrt(N) - 1)^2 with N the voxels of one sample."""
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x.flatten(1).sum(1, keepdim=True), x.new_zeros(x.shape[0], 2)
+
+    step = StarGANStep(Linear(), torch.optim.SGD([torch.zeros(1, requires_grad=True)], 0.1))
+    real, fake = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    gp = step._gradient_penalty(real, fake)
+    assert float(gp) == pytest.approx((2 * 8 - 1) ** 2, rel=1e-5)
+
+
+def test_stargan_d_learns_to_tell_the_domains_apart():
+    g, d, step = _stargan(n_critic=100)  # D alone
+    step.slab = 0
+    first = _train(g, step, _patch_batch())["loss_d_cls"]
+    last = _train(g, step, _patch_batch() * 80)["loss_d_cls"]
+    assert last < 0.3 * first
+
+
+def test_stargan_translator_slab_to_centre_slice():
+    g = build("stargan", 2, "tiny", in_channels=5, out_channels=1)
+    assert g.generator.main[0].in_channels == 5 + 2  # slab + one-hot domain
+    x = torch.rand(2, 5, 16, 16)
+    with torch.no_grad():
+        c = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+        torch.testing.assert_close(g.eval()(x), g.generator(x, c)[:, 2:3])
+
+
+# --- FUNIT ----------------------------------------------------------------------------------
+
+
+def test_funit_step_trains_g_and_d_and_stores_the_micro_ct_code():
+    torch.manual_seed(0)
+    g = build("funit", 2, "tiny")
+    d = build("funit_d", 2, "tiny", num_classes=2)
+    step = FUNITStep(d, torch.optim.RMSprop(d.parameters(), 1e-4), slab=0)
+    g0 = [p.detach().clone() for p in g.generator.parameters()]
+    d0 = [p.detach().clone() for p in d.parameters()]
+    out = _train(g, step, _patch_batch() * 2)
+    for before, m in ((g0, g.generator), (d0, d)):
+        assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
+    for key in ("loss", "loss_g_gan", "loss_rec", "loss_g_fm", "loss_d", "loss_r1"):
+        assert torch.isfinite(torch.tensor(out[key])) and out[key] != 0.0, key
+    assert int(g.n_codes) == 2 and float(g.class_code.abs().sum()) > 0
+    with torch.no_grad():
+        pred = g.eval()(torch.rand(1, 1, 32, 32))
+    assert pred.shape == (1, 1, 32, 32)
+
+
+def test_funit_class_code_is_the_mean_then_an_exponential_average():
+    g = build("funit", 2, "tiny", momentum=0.25)
+    a, b, c = torch.full((3, 8), 1.0), torch.full((2, 8), 3.0), torch.full((1, 8), 10.0)
+    g.update_class_code(a)
+    torch.testing.assert_close(g.class_code, torch.full((1, 8), 1.0))
+    g.update_class_code(b)  # exact mean of the two batch means
+    torch.testing.assert_close(g.class_code, torch.full((1, 8), 2.0))
+    for _ in range(2):  # batches 3 and 4: weight max(1/n, 0.25)
+        g.update_class_code(c)
+    torch.testing.assert_close(g.class_code, torch.full((1, 8), 2.0 + 8 * (1 - 2 / 3 * 3 / 4)))
+
+
+def test_funit_r1_penalty_is_the_squared_gradient_of_the_real_response():
+    """R1 = sum |d mean(D(x_b)) / d x_b|^2 / B: for D(x) = s x (s = 3) every element of the
+    gradient is s / N (N = elements of the response), so R1 = s^2 / (N B)."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = torch.nn.Parameter(torch.tensor(3.0))
+
+        def forward(self, x, y):
+            return self.s * x, x
+
+    torch.manual_seed(0)
+    g = build("funit", 2, "tiny")
+    d = Scale()
+    step = FUNITStep(d, torch.optim.SGD(d.parameters(), 0.0), slab=0)
+    out = _train(g, step, _patch_batch(n=2))
+    n = 4 * 32 * 32  # content LR + HR: 4 class images of 32 x 32
+    assert out["loss_r1"] == pytest.approx(9.0 / (n * 4), rel=1e-5)

@@ -19,13 +19,28 @@ from bone3d.io import read_volume
 
 
 def load_subjects(datalist: str, split: str) -> list[tio.Subject]:
-    """Read every volume of one split of a datalist (validated by `bone3d.io.read_volume`)."""
+    """Read every volume of one split of a datalist (validated by `bone3d.io.read_volume`).
+
+    A simulated pair's ``degradation.json`` (beside its LR file, written by ``bone3d prepare``)
+    adds ``kernel_code`` (`bone3d.data.simulate.kernel_code`, float32 (4,)), the supervision of
+    DAN's kernel estimator; real pairs have none."""
+    import json
+    from pathlib import Path
+
+    from bone3d.data.simulate import kernel_code
+
+    lr_range = datalist_meta(datalist).get("lr_range")
     subjects = []
     for item in datalist_items(datalist, split):
         images = {"image": read_volume(item["image"])}
         if item.get("target"):
             images["target"] = read_volume(item["target"])
-        subjects.append(tio.Subject(**images, specimen=item["specimen"]))
+        extra = {}
+        record = Path(item["image"]).parent / "degradation.json"
+        if record.is_file() and lr_range is not None:
+            code = kernel_code(json.loads(record.read_text()), lr_range)
+            extra["kernel_code"] = torch.tensor(code, dtype=torch.float32)
+        subjects.append(tio.Subject(**images, specimen=item["specimen"], **extra))
     return subjects
 
 

@@ -128,6 +128,28 @@ class Degraded:
         }
 
 
+KERNEL_CODE = ("fwhm_x_lr_vox", "fwhm_y_lr_vox", "fwhm_z_lr_vox", "noise_sd_window")
+
+
+def kernel_code(record: dict, lr_range: Sequence[float]) -> list[float]:
+    """The degradation of one LR scan as 4 numbers (`KERNEL_CODE`), the kernel code DAN's
+    estimator learns to predict (Luo et al. 2020 use a 10-D PCA of 21x21 blur kernels; bone3d's
+    PSFs are axis-aligned Gaussians, which their 3 FWHMs describe exactly):
+
+    * the effective PSF FWHM along x, y, z in LR voxels (``effective_fwhm_mm / spacing_mm``);
+    * the noise SD as a fraction of the LR intensity window ``lr_range`` (HU), the units the
+      network sees.
+
+    ``record`` is a `Degraded.record` (``degradation.json``).
+    """
+    fwhm = np.asarray(record["effective_fwhm_mm"], dtype=float)
+    spacing = np.asarray(record["spacing_mm"], dtype=float)
+    width = float(lr_range[1]) - float(lr_range[0])
+    if fwhm.shape != (3,) or spacing.shape != (3,) or np.any(spacing <= 0) or width <= 0:
+        raise InputError("degradation", "needs 3 FWHMs, 3 positive spacings and an LR window")
+    return [*(fwhm / spacing).tolist(), float(record["noise_sd_hu"]) / width]
+
+
 def get_preset(name: str, **overrides) -> Preset:
     if name not in PRESETS:
         raise InputError("preset", f"unknown preset {name!r}; choose from {sorted(PRESETS)}")

@@ -105,6 +105,18 @@ REGISTRY: dict[str, Entry] = {
         "discriminator",
         "Choi et al. 2018, StarGAN D",
     ),
+    "stargan": Entry(
+        stargan.StarGANTranslator,
+        stargan.PRESETS_T,
+        "generator",
+        "Choi et al. 2018, StarGAN G fixed to the micro-CT domain",
+    ),
+    "funit": Entry(
+        funit.FUNITTranslator,
+        funit.PRESETS_T,
+        "generator",
+        "Liu et al. 2019, FUNIT G with the mean micro-CT class code",
+    ),
     "funit_g": Entry(
         funit.FUNITGenerator, funit.PRESETS_G, "conditional", "Liu et al. 2019, FUNIT G"
     ),
@@ -134,6 +146,7 @@ REGISTRY: dict[str, Entry] = {
         "Wang et al. 2018, ESRGAN VGG-128 D",
         32,
     ),
+    "dan": Entry(dan.DANSR, dan.PRESETS, "sr", "Luo et al. 2020, DAN (restorer + estimator)", 8),
     "dan_restorer": Entry(
         dan.DANRestorer, dan.PRESETS_R, "conditional", "Luo et al. 2020, DAN restorer", 8
     ),
@@ -143,7 +156,7 @@ REGISTRY: dict[str, Entry] = {
 }
 
 SR_KINDS = ("sr",)
-TAKES_SCALE = {"fsrcnn", "edsr", "rcan", "rrdb", "r2rcan", "dan_restorer", "dan_estimator"}
+TAKES_SCALE = {"fsrcnn", "edsr", "rcan", "rrdb", "r2rcan", "dan", "dan_restorer", "dan_estimator"}
 NO_OUT_CHANNELS = {name for name, e in REGISTRY.items() if e.kind in ("discriminator", "estimator")}
 
 

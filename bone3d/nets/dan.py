@@ -65,7 +65,8 @@ class DANRestorer(nn.Module):
 
 
 class DANEstimator(nn.Module):
-    """``forward(sr, lr)`` -> kernel code (B, para)."""
+    """``forward(sr, lr)`` -> kernel code (B, para). ``sr`` has ``sr_channels`` channels
+    (default ``in_channels``)."""
 
     def __init__(
         self,
@@ -75,12 +76,14 @@ class DANEstimator(nn.Module):
         nf: int = 64,
         num_blocks: int = 5,
         input_para: int = 10,
+        sr_channels: int | None = None,
     ):
         super().__init__()
         d = spatial_dims
         sc = as_scale(scale, d)
+        sr_ch = in_channels if sr_channels is None else sr_channels  # 2.5D: s HR slices
         self.head_lr = conv(d, in_channels, nf // 2, 1, padding=0)
-        self.head_hr = conv(d, in_channels, nf // 2, 9, stride=tuple(sc), padding=4)
+        self.head_hr = conv(d, sr_ch, nf // 2, 9, stride=tuple(sc), padding=4)
         self.body = nn.ModuleList([CRB(d, nf // 2, nf // 2) for _ in range(num_blocks)])
         self.out = conv(d, nf // 2, input_para, 3)
 
@@ -97,7 +100,7 @@ class DANEstimator(nn.Module):
 
 class DAN(nn.Module):
     """The alternating unfolded network: returns the SR after ``loops`` iterations, and with
-    ``return_all`` every iteration's SR and kernel code (for losses on each loop)."""
+    ``all_loops`` every iteration's SR and kernel code (for losses on each loop)."""
 
     def __init__(self, restorer: DANRestorer, estimator: DANEstimator, loops: int = 4):
         super().__init__()
@@ -117,9 +120,34 @@ class DAN(nn.Module):
             codes.append(code)
         return srs, codes
 
-    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+    def forward(self, lr: torch.Tensor, all_loops: bool = False) -> torch.Tensor:
+        """The last loop's SR; with ``all_loops`` (eager mode, training) `forward_all`'s lists,
+        so that a ``DistributedDataParallel`` wrapper runs the forward the losses need."""
+        if not torch.jit.is_scripting():
+            if all_loops:
+                return self.forward_all(lr)  # type: ignore[return-value]
         srs, _ = self.forward_all(lr)
         return srs[-1]
+
+
+class DANSR(DAN):
+    """`DAN` built from sizes, as the registry and bundles build networks: a restorer
+    (``nf``, ``nb``) and an estimator (``est_nf``, ``est_blocks``) sharing ``input_para`` and
+    ``scale``, unfolded ``loops`` times. ``forward(lr)`` is the last loop's SR;
+    ``forward_all(lr)`` every loop's SR and kernel code (the training step's losses)."""
+
+    def __init__(
+        self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, scale=4,
+        nf: int = 64, nb: int = 40, input_para: int = 10, est_nf: int = 64, est_blocks: int = 5,
+        loops: int = 4,
+    ):  # fmt: skip
+        super().__init__(
+            DANRestorer(spatial_dims, in_channels, out_channels, scale, nf, nb, input_para),
+            DANEstimator(
+                spatial_dims, in_channels, scale, est_nf, est_blocks, input_para, out_channels
+            ),
+            loops,
+        )
 
 
 PRESETS_R = {
@@ -131,4 +159,11 @@ PRESETS_E = {
     "paper": {"nf": 64, "num_blocks": 5, "input_para": 10},
     "cpu3d": {"nf": 24, "num_blocks": 3, "input_para": 10},
     "tiny": {"nf": 8, "num_blocks": 1, "input_para": 4},
+}
+# bone3d's kernel code has 4 entries (`bone3d.data.simulate.kernel_code`); ``paper`` keeps the
+# published 10 (a PCA of 21x21 kernels) for its parameter count: set ``input_para=4`` to train it
+PRESETS = {
+    "paper": {"nf": 64, "nb": 40, "input_para": 10, "est_nf": 64, "est_blocks": 5, "loops": 4},
+    "cpu3d": {"nf": 24, "nb": 6, "input_para": 4, "est_nf": 24, "est_blocks": 3, "loops": 4},
+    "tiny": {"nf": 8, "nb": 2, "input_para": 4, "est_nf": 8, "est_blocks": 1, "loops": 2},
 }

@@ -146,6 +146,53 @@ class FUNITGenerator(nn.Module):
         return self.decode(self.enc_content(x), self.class_code(class_images))
 
 
+class FUNITTranslator(nn.Module):
+    """A `FUNITGenerator` with a stored target-class code: ``forward(x)`` translates ``x`` to the
+    class whose code is in the buffer ``class_code`` (input key ``image`` alone, for bundles,
+    inference and export).
+
+    FUNIT's test time averages the class codes of K example images of the target class; here the
+    examples are all target-domain (micro-CT) patches seen in training: `update_class_code` keeps
+    their running mean (exact mean over the first ``1 / momentum`` batches, then an exponential
+    average that follows the training class encoder). Channels as in `StarGANTranslator`: ``G``
+    maps ``in_channels`` to ``in_channels``, ``out_channels`` keeps the centre ones.
+    """
+
+    def __init__(
+        self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, nf: int = 64,
+        nf_mlp: int = 256, n_downs_class: int = 4, n_downs_content: int = 3, n_mlp_blks: int = 3,
+        n_res_blks: int = 2, latent_dim: int = 64, momentum: float = 0.01,
+    ):  # fmt: skip
+        super().__init__()
+        if out_channels > in_channels or (in_channels - out_channels) % 2:
+            raise ValueError(
+                f"out_channels {out_channels} must be in_channels {in_channels} or a centred subset"
+            )
+        self.generator = FUNITGenerator(
+            spatial_dims, in_channels, in_channels, nf, nf_mlp, n_downs_class, n_downs_content,
+            n_mlp_blks, n_res_blks, latent_dim,
+        )  # fmt: skip
+        self.register_buffer("class_code", torch.zeros(1, latent_dim))
+        self.register_buffer("n_codes", torch.zeros((), dtype=torch.long))
+        self.momentum = float(momentum)
+        self.first = (in_channels - out_channels) // 2
+        self.out_channels = out_channels
+
+    @torch.jit.unused
+    def update_class_code(self, codes: torch.Tensor) -> None:
+        """Fold a batch of target-class codes (B, latent_dim) into the stored mean."""
+        with torch.no_grad():
+            n = int(self.n_codes) + 1
+            w = max(1.0 / n, self.momentum)
+            self.class_code.mul_(1.0 - w).add_(w * codes.detach().mean(0, keepdim=True))
+            self.n_codes.fill_(n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = self.class_code.expand(x.shape[0], -1)
+        y = self.generator.decode(self.generator.enc_content(x), code)
+        return y[:, self.first : self.first + self.out_channels]
+
+
 class _ActFirstRes(nn.Module):
     def __init__(self, d, fin, fout):
         super().__init__()
@@ -226,6 +273,7 @@ PRESETS_G = {
         "latent_dim": 8,
     },
 }
+PRESETS_T = PRESETS_G
 PRESETS_D = {
     "paper": {"nf": 64, "n_res_blks": 10, "num_classes": 119},
     "cpu3d": {"nf": 16, "n_res_blks": 6, "num_classes": 2},

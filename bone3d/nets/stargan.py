@@ -105,7 +105,51 @@ class StarGANDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.main(x)
-        return self.conv1(h), self.conv2(h).reshape(h.shape[0], -1)
+        # the domain head's kernel covers the whole map at ``image_size``; on a larger (or
+        # non-cubic 3D) patch its outputs are averaged, so the logits stay (B, c_dim)
+        return self.conv1(h), self.conv2(h).flatten(2).mean(2)
+
+
+class StarGANTranslator(nn.Module):
+    """A `StarGANGenerator` fixed to one target domain: ``forward(x)`` = ``G(x, onehot(target))``,
+    the form bundles, inference and export use (input key ``image`` alone).
+
+    ``G`` maps ``in_channels`` to ``in_channels`` (one generator serves both directions, so both
+    domains have the same shape; a 2.5D slab translates to a slab). ``out_channels`` < ``in_channels``
+    keeps the centre channels: the 2.5D prediction is the slab's centre slice. Domains in bone3d:
+    0 = low-resolution CT, 1 = micro-CT (``target=1``).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        conv_dim: int = 64,
+        c_dim: int = 2,
+        repeat_num: int = 6,
+        target: int = 1,
+    ):
+        super().__init__()
+        if out_channels > in_channels or (in_channels - out_channels) % 2:
+            raise ValueError(
+                f"out_channels {out_channels} must be in_channels {in_channels} or a centred subset"
+            )
+        if not 0 <= target < c_dim:
+            raise ValueError(f"target domain {target} not in 0..{c_dim - 1}")
+        self.generator = StarGANGenerator(
+            spatial_dims, in_channels, in_channels, conv_dim, c_dim, repeat_num
+        )
+        self.c_dim = c_dim
+        self.target = target
+        self.first = (in_channels - out_channels) // 2
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = torch.zeros(x.shape[0], self.c_dim, dtype=x.dtype, device=x.device)
+        c[:, self.target] = 1.0
+        y = self.generator(x, c)
+        return y[:, self.first : self.first + self.out_channels]
 
 
 PRESETS_G = {
@@ -113,6 +157,7 @@ PRESETS_G = {
     "cpu3d": {"conv_dim": 16, "c_dim": 2, "repeat_num": 4},
     "tiny": {"conv_dim": 4, "c_dim": 2, "repeat_num": 2},
 }
+PRESETS_T = {k: {**v, "c_dim": 2} for k, v in PRESETS_G.items()}  # LR CT / micro-CT
 PRESETS_D = {
     "paper": {"image_size": 128, "conv_dim": 64, "c_dim": 5, "repeat_num": 6},
     "cpu3d": {"image_size": 32, "conv_dim": 16, "c_dim": 2, "repeat_num": 4},
