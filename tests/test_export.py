@@ -68,7 +68,6 @@ def _checkpoint(tmp: Path, model: str, variant: str) -> Path:
 @pytest.mark.parametrize(
     "bundle, model, variant",
     [
-        ("unet_sr", "unet", "3d"),
         ("stargan", "stargan", "2p5d"),
         ("funit", "funit", "3d"),
         ("dan", "dan", "3d"),

@@ -128,10 +128,13 @@ class PairedGANStep:
         d_optimizer: D's optimiser (the trainer's ``optimizer`` is G's).
         gan_loss: one of ``GAN_LOSSES``.
         weights: ``content`` (the trainer's loss function, e.g. L1), ``gan``, ``fm`` (feature
-            matching; 0 disables it).
+            matching; 0 disables it), ``perceptual`` (0 unless a ``perceptual`` loss is given).
+        perceptual: a loss on (generated, HR), e.g. `bone3d.losses.perceptual.PerceptualLoss`
+            (features of the in-project micro-CT regressor, in place of ImageNet VGG).
 
     Returns per iteration ``image``, ``label``, ``pred`` and the floats ``loss`` (G's total),
-    ``loss_g_gan``, ``loss_g_content``, ``loss_g_fm``, ``loss_d``, ``d_real``, ``d_fake`` (mean D
+    ``loss_g_gan``, ``loss_g_content``, ``loss_g_fm``, ``loss_g_perceptual``, ``loss_d``,
+    ``d_real``, ``d_fake`` (mean D
     logits of the last scale: D learns when they separate, G when ``d_fake`` climbs back).
     """
 
@@ -142,13 +145,22 @@ class PairedGANStep:
         gan_loss: str = "vanilla",
         weights: dict | None = None,
         conditional: bool = True,
+        perceptual: nn.Module | None = None,
     ):
         if gan_loss not in GAN_LOSSES:
             raise ValueError(f"unknown GAN loss {gan_loss!r}; choose from {GAN_LOSSES}")
         self.d = discriminator
         self.d_opt = d_optimizer
         self.kind = gan_loss
-        self.w = {"content": 100.0, "gan": 1.0, "fm": 0.0, **(weights or {})}
+        default_p = 1.0 if perceptual is not None else 0.0
+        self.w = {"content": 100.0, "gan": 1.0, "fm": 0.0, "perceptual": default_p,
+                  **(weights or {})}  # fmt: skip
+        if self.w["perceptual"] > 0 and perceptual is None:
+            raise ValueError(
+                "a perceptual weight needs a perceptual loss (bundles: --perceptual_net REG.pt, "
+                "a regressor from bone3d fit-regressor)"
+            )
+        self.perceptual = perceptual
         self.conditional = conditional
 
     def _d_in(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
@@ -186,8 +198,16 @@ class PairedGANStep:
         loss_gan = g_adv_loss(self.kind, real_out, fake_out)
         loss_content = engine.loss_function(fake, y)
         loss_fm = feature_matching(real_out, fake_out) if self.w["fm"] > 0 else fake.new_zeros(())
+        loss_p = (
+            self.perceptual(fake, y)
+            if self.perceptual is not None and self.w["perceptual"] > 0
+            else fake.new_zeros(())
+        )
         loss_g = (
-            self.w["gan"] * loss_gan + self.w["content"] * loss_content + self.w["fm"] * loss_fm
+            self.w["gan"] * loss_gan
+            + self.w["content"] * loss_content
+            + self.w["fm"] * loss_fm
+            + self.w["perceptual"] * loss_p
         )
         loss_g.backward()
         engine.optimizer.step()
@@ -201,6 +221,7 @@ class PairedGANStep:
             "loss_g_gan": _item(loss_gan),
             "loss_g_content": _item(loss_content),
             "loss_g_fm": _item(loss_fm),
+            "loss_g_perceptual": _item(loss_p),
             "loss_d": loss_d.item(),
             "d_real": float(real_out[-1][-1].detach().mean()),
             "d_fake": float(fake_out[-1][-1].detach().mean()),
@@ -213,7 +234,7 @@ def gan_losses(output) -> dict:
     (GAN, unpaired and DAN steps: whichever the step reports)."""
     item = output[0] if isinstance(output, list) else output
     keys = (
-        "loss_g_gan", "loss_g_content", "loss_g_fm", "loss_cycle", "loss_idt", "loss_d",
+        "loss_g_gan", "loss_g_content", "loss_g_fm", "loss_g_perceptual", "loss_cycle", "loss_idt", "loss_d",
         "loss_d_a", "loss_d_b", "d_real", "d_fake", "loss_cls", "loss_rec", "loss_d_cls",
         "loss_gp", "loss_r1", "loss_sr", "loss_kernel", "loss_kernel_last",
     )  # fmt: skip

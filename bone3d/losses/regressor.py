@@ -45,6 +45,7 @@ class MorphometryRegressor(nn.Module):
     def __init__(self, spatial_dims: int = 3, channels=(16, 32, 64, 64)):
         super().__init__()
         self.spatial_dims = spatial_dims
+        self.channels = [int(c) for c in channels]
         names = PARAMETERS[spatial_dims]
         layers, c_in = [], 1
         for i, c in enumerate(channels):
@@ -181,14 +182,14 @@ def fit_regressor(
 def save_regressor(model: MorphometryRegressor, path: str | os.PathLike, report: dict) -> Path:
     """Weights and report in one file (atomic); load with `load_regressor`."""
     with atomic_path(path) as tmp:
-        torch.save({"spatial_dims": model.spatial_dims, "state": model.state_dict(),
-                    "report": report}, tmp)  # fmt: skip
+        torch.save({"spatial_dims": model.spatial_dims, "channels": model.channels,
+                    "state": model.state_dict(), "report": report}, tmp)  # fmt: skip
     return Path(path)
 
 
 def load_regressor(path: str | os.PathLike) -> MorphometryRegressor:
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = MorphometryRegressor(blob["spatial_dims"])
+    model = MorphometryRegressor(blob["spatial_dims"], blob.get("channels", (16, 32, 64, 64)))
     model.load_state_dict(blob["state"])
     return model.eval().requires_grad_(False)
 
