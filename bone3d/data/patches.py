@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from bone3d.data.datalist import datalist_items, datalist_meta
 from bone3d.data.simulate import hr_grid_for
+from bone3d.errors import InputError
 from bone3d.io import read_volume
 
 
@@ -32,12 +33,15 @@ def load_subjects(datalist: str, split: str) -> list[tio.Subject]:
     lr_range = datalist_meta(datalist).get("lr_range")
     subjects = []
     for item in datalist_items(datalist, split):
-        images = {"image": read_volume(item["image"])}
-        if item.get("target"):
-            images["target"] = read_volume(item["target"])
+        images = {}
+        for key in ("image", "target"):  # unpaired training entries may hold one of them
+            if item.get(key):
+                images[key] = read_volume(item[key])
+        if "image" not in images and split != "training":
+            raise InputError(datalist, f"{split} entry {item.get('specimen')!r} has no image")
         extra = {}
-        record = Path(item["image"]).parent / "degradation.json"
-        if record.is_file() and lr_range is not None:
+        record = Path(item.get("image") or ".").parent / "degradation.json"
+        if item.get("image") and record.is_file() and lr_range is not None:
             code = kernel_code(json.loads(record.read_text()), lr_range)
             extra["kernel_code"] = torch.tensor(code, dtype=torch.float32)
         subjects.append(tio.Subject(**images, specimen=item["specimen"], **extra))
@@ -177,13 +181,27 @@ def patch_loader(
         if any(int(p) % int(scale) for p in patch_size):
             raise ValueError(f"patch_size {list(patch_size)} must be a multiple of scale {scale}")
         patch_size = [int(p) // int(scale) for p in patch_size]
-    dataset = tio.SubjectsDataset(load_subjects(datalist, "training"), transform=transform)
+    subjects = load_subjects(datalist, "training")
+    one_sided = [s["specimen"] for s in subjects if not {"image", "target"} <= set(s.keys())]
+    if one_sided:
+        raise InputError(
+            datalist,
+            f"paired training needs image and target in every training entry; {one_sided} have "
+            "one (unpaired data: use unpaired_loader, as the cyclegan/stargan/funit bundles do)",
+        )
+    dataset = tio.SubjectsDataset(subjects, transform=transform)
+    queue = _queue(dataset, patch_size, queue_length, samples_per_volume, distributed, seed)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(queue, batch_size=batch_size, num_workers=0, generator=generator)
+
+
+def _queue(dataset, patch_size, queue_length, samples_per_volume, distributed, seed) -> tio.Queue:
     subject_sampler = None
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
 
         subject_sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
-    queue = tio.Queue(
+    return tio.Queue(
         dataset,
         max_length=queue_length,
         samples_per_volume=samples_per_volume,
@@ -193,8 +211,102 @@ def patch_loader(
         shuffle_patches=True,
         subject_sampler=subject_sampler,
     )
+
+
+def to_spacing(spacing_mm: Sequence[float], name: str = "target") -> tio.Transform:
+    """Resample image ``name`` to ``spacing_mm`` (linear, anti-aliased when coarser: TorchIO
+    ``Resample(antialias=True)``), unless it is already on that spacing: an unpaired micro-CT
+    scanned at another voxel size joins the HR domain on the model's grid."""
+    import numpy as np
+
+    class _ToSpacing(tio.SpatialTransform):
+        def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+            if np.allclose(subject[name].spacing, spacing_mm, rtol=1e-3):
+                return subject
+            resample = tio.Resample(
+                tuple(float(s) for s in spacing_mm), antialias=True, include=[name]
+            )
+            return resample(subject)
+
+    return _ToSpacing()
+
+
+class DomainPairs(torch.utils.data.Dataset):
+    """Item ``i``: the next patch of an LR-domain queue as ``image`` and of an HR-domain queue
+    as ``target``, drawn independently (other specimens, other places): unpaired batches.
+    ``specimen`` names the LR patch's specimen, ``target_specimen`` the HR one's. ``queues``
+    holds both (the bundles' `bone3d.engines.EpochSeed` resets each every epoch)."""
+
+    def __init__(self, lr_queue: tio.Queue, hr_queue: tio.Queue):
+        self.queues = (lr_queue, hr_queue)
+
+    def __len__(self) -> int:
+        return min(len(q) for q in self.queues)
+
+    def __getitem__(self, index: int) -> dict:
+        a, b = (q[index] for q in self.queues)
+        return {"image": a["image"], "target": b["target"], "specimen": a["specimen"],
+                "target_specimen": b["specimen"]}  # fmt: skip
+
+
+def unpaired_loader(
+    datalist: str,
+    *,
+    patch_size: Sequence[int],
+    samples_per_volume: int = 8,
+    queue_length: int = 64,
+    batch_size: int = 2,
+    augment: bool = True,
+    seed: int = 0,
+    distributed: bool = False,
+    scale: int | None = None,
+) -> DataLoader:
+    """DataLoader of unpaired training batches for CycleGAN, StarGAN and FUNIT.
+
+    The LR domain is every training entry with an ``image`` (a scan resampled onto the HR grid
+    of its own field of view, as for paired training). The HR domain is every entry with a
+    ``target``, resampled to the datalist's ``hr_spacing_mm`` when scanned at another (`to_spacing`). An entry may hold only one of them: a clinical scan of a patient without
+    micro-CT, or a micro-CT without a matching scan. Each domain has its own TorchIO ``Queue``
+    (uniform patches, independent flips), and `DomainPairs` zips them. Validation and test
+    entries stay paired, so the runs are scored against HR as usual. Pre-upsampled models
+    only (``scale`` must be None).
+    """
+    if scale:
+        raise ValueError("unpaired training is for pre-upsampled generators (scale None)")
+    meta = datalist_meta(datalist)
+    subjects = load_subjects(datalist, "training")
+    lr = [tio.Subject(image=s["image"], specimen=s["specimen"]) for s in subjects if "image" in s]
+    hr = [
+        tio.Subject(target=s["target"], specimen=s["specimen"]) for s in subjects if "target" in s
+    ]
+    if not lr or not hr:
+        raise InputError(
+            datalist, "unpaired training needs LR ('image') and HR ('target') training volumes"
+        )
+    lr_t = tio.Compose(
+        [to_hr_grid(meta["hr_spacing_mm"]), intensity_transform(meta["lr_range"], None)]
+    )
+    hr_t = tio.Compose(
+        [to_spacing(meta["hr_spacing_mm"], "target"),
+         intensity_transform(meta["lr_range"], meta["hr_range"])]
+    )  # fmt: skip
+    if augment:
+        lr_t, hr_t = tio.Compose([lr_t, augmentation()]), tio.Compose([hr_t, augmentation()])
+    queues = [
+        _queue(
+            tio.SubjectsDataset(subs, transform=t),
+            patch_size,
+            queue_length,
+            samples_per_volume,
+            distributed,
+            seed + i,
+        )  # fmt: skip
+        for i, (subs, t) in enumerate(((lr, lr_t), (hr, hr_t)))
+    ]
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(queue, batch_size=batch_size, num_workers=0, generator=generator)
+    return DataLoader(
+        DomainPairs(*queues), batch_size=batch_size, num_workers=0, generator=generator
+    )
 
 
 def volume_loader(

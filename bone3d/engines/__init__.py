@@ -138,7 +138,12 @@ class EpochSeed:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         seed = int(np.random.SeedSequence([self.seed, epoch, rank]).generate_state(1)[0])
         set_determinism(seed=seed)
-        queue = getattr(self.loader, "dataset", None)
+        dataset = getattr(self.loader, "dataset", None)
+        for queue in getattr(dataset, "queues", (dataset,)):  # unpaired: one queue per domain
+            self._reset(queue, epoch)
+
+    @staticmethod
+    def _reset(queue, epoch: int) -> None:
         if queue is not None and hasattr(queue, "patches_list"):
             queue.patches_list = []
             queue._incomplete_subject = None
