@@ -203,6 +203,10 @@ def test_stargan_translator_slab_to_centre_slice():
     with torch.no_grad():
         c = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
         torch.testing.assert_close(g.eval()(x), g.generator(x, c)[:, 2:3])
+    from bone3d.errors import InputError
+
+    with pytest.raises(InputError, match="centred"):
+        build("stargan", 2, "tiny", in_channels=4, out_channels=1)  # no centre slice
 
 
 # --- FUNIT ----------------------------------------------------------------------------------

@@ -68,6 +68,16 @@ class ReflectPad(nn.Module):
         return F.pad(x, self.pad, mode="reflect")
 
 
+def centre_offset(in_channels: int, out_channels: int) -> int:
+    """Index of the first of ``out_channels`` centred channels among ``in_channels`` (a 2.5D
+    slab-to-slab translator keeps the centre slice); refuses an off-centre choice."""
+    if out_channels > in_channels or (in_channels - out_channels) % 2:
+        raise ValueError(
+            f"out_channels {out_channels} must be in_channels {in_channels} or a centred subset"
+        )
+    return (in_channels - out_channels) // 2
+
+
 def as_scale(scale, spatial_dims: int) -> list[int]:
     """Per-axis integer scale factors (an int or a sequence of length ``spatial_dims``).
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bone3d.nets.blocks import ReflectPad, avg_pool, conv, norm
+from bone3d.nets.blocks import ReflectPad, avg_pool, centre_offset, conv, norm
 
 
 class _Block(nn.Module):
@@ -164,10 +164,7 @@ class FUNITTranslator(nn.Module):
         n_res_blks: int = 2, latent_dim: int = 64, momentum: float = 0.01,
     ):  # fmt: skip
         super().__init__()
-        if out_channels > in_channels or (in_channels - out_channels) % 2:
-            raise ValueError(
-                f"out_channels {out_channels} must be in_channels {in_channels} or a centred subset"
-            )
+        self.first = centre_offset(in_channels, out_channels)
         self.generator = FUNITGenerator(
             spatial_dims, in_channels, in_channels, nf, nf_mlp, n_downs_class, n_downs_content,
             n_mlp_blks, n_res_blks, latent_dim,
@@ -175,7 +172,6 @@ class FUNITTranslator(nn.Module):
         self.register_buffer("class_code", torch.zeros(1, latent_dim))
         self.register_buffer("n_codes", torch.zeros((), dtype=torch.long))
         self.momentum = float(momentum)
-        self.first = (in_channels - out_channels) // 2
         self.out_channels = out_channels
 
     @torch.jit.unused

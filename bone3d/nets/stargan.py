@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bone3d.nets.blocks import conv, conv_t, norm
+from bone3d.nets.blocks import centre_offset, conv, conv_t, norm
 
 
 class _Residual(nn.Module):
@@ -131,10 +131,7 @@ class StarGANTranslator(nn.Module):
         target: int = 1,
     ):
         super().__init__()
-        if out_channels > in_channels or (in_channels - out_channels) % 2:
-            raise ValueError(
-                f"out_channels {out_channels} must be in_channels {in_channels} or a centred subset"
-            )
+        self.first = centre_offset(in_channels, out_channels)
         if not 0 <= target < c_dim:
             raise ValueError(f"target domain {target} not in 0..{c_dim - 1}")
         self.generator = StarGANGenerator(
@@ -142,7 +139,6 @@ class StarGANTranslator(nn.Module):
         )
         self.c_dim = c_dim
         self.target = target
-        self.first = (in_channels - out_channels) // 2
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
