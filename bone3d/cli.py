@@ -95,6 +95,7 @@ def cmd_prepare(args) -> int:
         hr_spacing=args.hr_spacing,
         misalign=args.misalign,
         register=args.register,
+        psf_jitter=args.psf_jitter,
     )
     data = json.loads(path.read_text())
     counts = ", ".join(f"{k} {len(data[k])}" for k in ("training", "validation", "test"))
@@ -764,6 +765,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="HR spacing for files without one",
     )
     p.add_argument("--misalign", action="store_true")
+    p.add_argument(
+        "--psf-jitter",
+        type=float,
+        default=0.0,
+        metavar="J",
+        help="simulated pairs: each specimen's PSF FWHM = the preset's x U(1-J, 1+J) per axis "
+        "(a varying blur, for blind SR such as DAN)",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("infer", help="whole-stack super-resolution with a trained bundle")

@@ -112,3 +112,25 @@ def test_training_subjects_carry_the_kernel_code_of_their_pair(tmp_path):
     record = json.loads((tmp_path / subject["specimen"] / "degradation.json").read_text())
     expected = kernel_code(record, datalist_meta(dl)["lr_range"])
     np.testing.assert_allclose(subject["kernel_code"].numpy(), expected, rtol=1e-6)
+
+
+def test_psf_jitter_varies_the_blur_over_specimens(tmp_path):
+    """``prepare(psf_jitter=j)``: every specimen's FWHM lies within (1 +- j) x the preset's, they
+    differ, and their kernel codes follow; a jitter of 1 or more is refused."""
+    import json
+
+    from bone3d.data.prepare import prepare
+
+    preset = get_preset("mdct")
+    dl = prepare(tmp_path / "d", phantoms=4, preset="mdct", phantom_shape=(24, 24, 24),
+                 progress=False, psf_jitter=0.3)  # fmt: skip
+    assert json.loads(dl.read_text())["psf_jitter"] == 0.3
+    fwhms = []
+    for folder in sorted((tmp_path / "d").glob("phantom*")):
+        record = json.loads((folder / "degradation.json").read_text())
+        ratio = np.asarray(record["preset"]["psf_fwhm_mm"]) / np.asarray(preset.psf_fwhm_mm)
+        assert np.all((ratio >= 0.7) & (ratio <= 1.3))
+        fwhms.append(tuple(record["effective_fwhm_mm"]))
+    assert len(set(fwhms)) == 4
+    with pytest.raises(InputError, match="psf_jitter"):
+        prepare(tmp_path / "e", phantoms=3, psf_jitter=1.0, progress=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +65,36 @@ def prepare(
     progress: bool = True,
     register: bool = False,
     register_options: dict | None = None,
+    psf_jitter: float = 0.0,
 ) -> Path:
-    """Build the dataset under ``out_dir`` and return the path of its ``datalist.json``."""
+    """Build the dataset under ``out_dir`` and return the path of its ``datalist.json``.
+
+    ``psf_jitter`` (simulated pairs): each specimen's PSF FWHM is the preset's times a factor
+    drawn uniformly in ``[1 - j, 1 + j]`` per axis (seeded by specimen), so the blur varies over
+    the dataset, as blind SR (DAN's kernel estimator) needs; ``degradation.json`` records each.
+    """
     sources = [bool(phantoms), hr_dir is not None, pairs is not None]
     if sum(sources) != 1:
         raise InputError("prepare", "give exactly one source: phantoms=N, hr_dir or pairs")
+    if not 0.0 <= float(psf_jitter) < 1.0:
+        raise InputError("psf_jitter", f"must be in [0, 1), got {psf_jitter}")
+    if psf_jitter and pairs is not None:
+        raise InputError("psf_jitter", "applies to simulated pairs, not to --pairs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items: list[dict] = []
     p = get_preset(preset)
     meta: dict = {"preset": preset, "misaligned": bool(misalign)}
+    if psf_jitter:
+        meta["psf_jitter"] = float(psf_jitter)
+
+    def scanner(i: int):
+        """The preset, with specimen ``i``'s PSF when ``psf_jitter`` is set."""
+        if not psf_jitter:
+            return p
+        f = np.random.default_rng([seed, i, 17]).uniform(1 - psf_jitter, 1 + psf_jitter, 3)
+        fwhm = np.asarray(p.psf_fwhm_mm, dtype=float) * f
+        return replace(p, psf_fwhm_mm=tuple(float(v) for v in fwhm))
 
     if phantoms:
         rng = np.random.default_rng(seed)
@@ -89,7 +110,7 @@ def prepare(
                 seed=seed * 1000 + i,
             )
             ph = make_phantom(spec)
-            d = degrade(ph.image, p, seed=seed * 1000 + i, misalign=misalign)
+            d = degrade(ph.image, scanner(i), seed=seed * 1000 + i, misalign=misalign)
             items.append(write_specimen(out / sid, sid, ph.image, d, truth=ph.truth, spec=spec))
         hr_win = [-200.0, 1200.0]
         meta.update(hr_units="mg HA/cm^3", hr_range=hr_win)
@@ -113,7 +134,9 @@ def prepare(
             sid = f.name.split(".")[0]
             hr = read_volume(f, spacing=hr_spacing)
             lo, hi = two_class_means(hr.data[0].numpy().astype(np.float32))
-            d = degrade(hr, p, seed=seed * 1000 + i, misalign=misalign, intensity_map=(lo, hi))
+            d = degrade(
+                hr, scanner(i), seed=seed * 1000 + i, misalign=misalign, intensity_map=(lo, hi)
+            )
             items.append(write_specimen(out / sid, sid, hr, d))
             windows.append(_window(lo, hi))
             spacings.append([float(s) for s in hr.spacing])
