@@ -261,3 +261,35 @@ def test_funit_r1_penalty_is_the_squared_gradient_of_the_real_response():
     out = _train(g, step, _patch_batch(n=2))
     n = 4 * 32 * 32  # content LR + HR: 4 class images of 32 x 32
     assert out["loss_r1"] == pytest.approx(9.0 / (n * 4), rel=1e-5)
+
+
+def _sync_worker(rank: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    from bone3d.engines.unpaired import GradientSync
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=2)  # fmt: skip
+    torch.manual_seed(rank)  # each rank starts from other weights
+    m = torch.nn.Linear(3, 2)
+    sync = GradientSync()
+    sync.broadcast(m)
+    m(torch.full((4, 3), float(rank + 1))).sum().backward()  # dL/dW = 4 (rank + 1) everywhere
+    sync.average(m)
+    torch.save({"w": m.weight.detach().clone(), "g": m.weight.grad.clone()},
+               f"{folder}/rank{rank}.pt")  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_gradient_sync_broadcasts_weights_and_averages_gradients(tmp_path):
+    """Two gloo ranks: after `GradientSync.broadcast` both hold rank 0's weights; after
+    `average`, both hold the mean gradient (4 and 8 -> 6), as DDP would give."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_sync_worker, args=(str(tmp_path),), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    torch.testing.assert_close(r0["w"], torch.nn.Linear(3, 2).weight.detach())
+    torch.testing.assert_close(r1["w"], r0["w"])
+    torch.testing.assert_close(r0["g"], torch.full((2, 3), 6.0))
+    torch.testing.assert_close(r1["g"], torch.full((2, 3), 6.0))
