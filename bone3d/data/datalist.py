@@ -9,9 +9,9 @@
      "validation": [...], "test": [...]}
 
 ``image`` is the LR input, ``target`` the HR volume on the same field of view, ``mask`` an optional
-VOI and ``truth`` an optional binary bone truth (phantoms). A *training* entry for unpaired models
-may hold only ``image`` or only ``target`` (`bone3d.data.patches.unpaired_loader`). Paths are relative to the datalist's
-folder. The split is made over *specimens*: every volume of one specimen lands in one subset,
+VOI and ``truth`` an optional binary bone truth (phantoms). A *training* entry for unpaired
+models may hold only ``image`` or only ``target`` (`bone3d.data.patches.unpaired_loader`). Paths
+are relative to the datalist's folder. The split is made over *specimens*: every volume of one specimen lands in one subset,
 never split by slice or patch, so no test specimen is ever seen in training.
 
 ``lr_range`` / ``hr_range`` are the intensity windows that networks map to [0, 1]; they are chosen

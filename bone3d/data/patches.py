@@ -40,8 +40,8 @@ def load_subjects(datalist: str, split: str) -> list[tio.Subject]:
         if "image" not in images and split != "training":
             raise InputError(datalist, f"{split} entry {item.get('specimen')!r} has no image")
         extra = {}
-        record = Path(item.get("image") or ".").parent / "degradation.json"
-        if item.get("image") and record.is_file() and lr_range is not None:
+        record = Path(item["image"]).parent / "degradation.json" if "image" in images else None
+        if record is not None and record.is_file() and lr_range is not None:
             code = kernel_code(json.loads(record.read_text()), lr_range)
             extra["kernel_code"] = torch.tensor(code, dtype=torch.float32)
         subjects.append(tio.Subject(**images, specimen=item["specimen"], **extra))
@@ -265,7 +265,8 @@ def unpaired_loader(
 
     The LR domain is every training entry with an ``image`` (a scan resampled onto the HR grid
     of its own field of view, as for paired training). The HR domain is every entry with a
-    ``target``, resampled to the datalist's ``hr_spacing_mm`` when scanned at another (`to_spacing`). An entry may hold only one of them: a clinical scan of a patient without
+    ``target``, resampled to the datalist's ``hr_spacing_mm`` when scanned at another
+    (`to_spacing`). An entry may hold only one of them: a clinical scan of a patient without
     micro-CT, or a micro-CT without a matching scan. Each domain has its own TorchIO ``Queue``
     (uniform patches, independent flips), and `DomainPairs` zips them. Validation and test
     entries stay paired, so the runs are scored against HR as usual. Pre-upsampled models
@@ -300,7 +301,7 @@ def unpaired_loader(
             samples_per_volume,
             distributed,
             seed + i,
-        )  # fmt: skip
+        )
         for i, (subs, t) in enumerate(((lr, lr_t), (hr, hr_t)))
     ]
     generator = torch.Generator().manual_seed(seed)

@@ -234,8 +234,8 @@ def gan_losses(output) -> dict:
     (GAN, unpaired and DAN steps: whichever the step reports)."""
     item = output[0] if isinstance(output, list) else output
     keys = (
-        "loss_g_gan", "loss_g_content", "loss_g_fm", "loss_g_perceptual", "loss_cycle", "loss_idt", "loss_d",
-        "loss_d_a", "loss_d_b", "d_real", "d_fake", "loss_cls", "loss_rec", "loss_d_cls",
-        "loss_gp", "loss_r1", "loss_sr", "loss_kernel", "loss_kernel_last",
+        "loss_g_gan", "loss_g_content", "loss_g_fm", "loss_g_perceptual", "loss_cycle",
+        "loss_idt", "loss_d", "loss_d_a", "loss_d_b", "d_real", "d_fake", "loss_cls", "loss_rec",
+        "loss_d_cls", "loss_gp", "loss_r1", "loss_sr", "loss_kernel", "loss_kernel_last",
     )  # fmt: skip
     return {f"train_{k}": float(item[k]) for k in keys if k in item}

@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-from bone3d.losses.regressor import MorphometryRegressor, load_regressor
+from bone3d.losses.regressor import MorphometryRegressor, frozen_regressor
 
 
 class PerceptualLoss(nn.Module):
@@ -35,9 +35,7 @@ class PerceptualLoss(nn.Module):
         layers: list[int] | None = None,
     ):
         super().__init__()
-        if not isinstance(regressor, nn.Module):
-            regressor = load_regressor(regressor)
-        self.regressor = regressor.eval().requires_grad_(False)
+        self.regressor = frozen_regressor(regressor)
         n = len(self.regressor.features)
         self.layers = list(range(n)) if layers is None else [int(i) for i in layers]
         if not self.layers or any(not 0 <= i < n for i in self.layers):

@@ -194,6 +194,14 @@ def load_regressor(path: str | os.PathLike) -> MorphometryRegressor:
     return model.eval().requires_grad_(False)
 
 
+def frozen_regressor(regressor: MorphometryRegressor | str | os.PathLike) -> MorphometryRegressor:
+    """A regressor (module or `save_regressor` file) in eval mode with its weights frozen: the
+    fixed judge of `RegressorLoss` and `bone3d.losses.perceptual.PerceptualLoss`."""
+    if not isinstance(regressor, nn.Module):
+        regressor = load_regressor(regressor)
+    return regressor.eval().requires_grad_(False)
+
+
 class RegressorLoss(nn.Module):
     """Mean |R(pred) - R(target)| over the standardised parameters of a frozen regressor R.
 
@@ -202,9 +210,7 @@ class RegressorLoss(nn.Module):
 
     def __init__(self, regressor: MorphometryRegressor | str | os.PathLike):
         super().__init__()
-        if not isinstance(regressor, nn.Module):
-            regressor = load_regressor(regressor)
-        self.regressor = regressor.eval().requires_grad_(False)
+        self.regressor = frozen_regressor(regressor)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.ndim - 2 != self.regressor.spatial_dims:
