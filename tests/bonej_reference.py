@@ -30,7 +30,35 @@ def local_thickness(fg: np.ndarray) -> np.ndarray:
         rr = r2[tuple(c)]
         inside = ((grid - c) ** 2).sum(-1) <= rr
         painted[inside] = np.maximum(painted[inside], rr)
-    th = 2 * np.sqrt(painted.astype(np.float64))
+    return bonej_clean_up(2 * np.sqrt(painted.astype(np.float64)), fg)
+
+
+def painted_radii(fg: np.ndarray) -> np.ndarray:
+    """max R(c) over the grid balls |v - c|^2 <= R(c) of *every* foreground voxel c (R: squared
+    distance to the nearest background voxel centre, image border not a boundary), painted
+    ball by ball in a window around each centre. Faster than ``local_thickness``'s all-pairs
+    loops, so it checks larger volumes with wide spaces; uses scipy's exact EDT."""
+    from scipy import ndimage as ndi
+
+    fg = np.asarray(fg, bool)
+    r2 = np.rint(ndi.distance_transform_edt(fg) ** 2).astype(np.int64)
+    painted = np.zeros(fg.shape, np.int64)
+    for c in np.argwhere(fg):
+        rr = int(r2[tuple(c)])
+        r = int(np.sqrt(rr))
+        lo = np.maximum(c - r, 0)
+        hi = np.minimum(c + r + 1, fg.shape)
+        win = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        g = np.ogrid[win]
+        inside = sum((gi - ci) ** 2 for gi, ci in zip(g, c, strict=True)) <= rr
+        view = painted[win]
+        view[inside] = np.maximum(view[inside], rr)
+    return painted
+
+
+def bonej_clean_up(th: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """BoneJ's Clean_Up_Local_Thickness on a thickness map, then masked with ``fg``."""
+    shape = th.shape
     # clean-up: surface = painted voxel with an in-image 26-neighbour of value 0
     offs = [o for o in itertools.product((-1, 0, 1), repeat=3) if o != (0, 0, 0)]
 

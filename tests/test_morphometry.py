@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bonej_reference import imagej_isodata, local_thickness
+from bonej_reference import bonej_clean_up, imagej_isodata, local_thickness, painted_radii
 
 from bone3d.errors import InputError
 from bone3d.morphometry import morphometry
@@ -68,6 +68,28 @@ def test_local_thickness_equals_brute_force_bonej_algorithm(seed):
     fast = local_thickness_map(fg, (1, 1, 1))
     ref = local_thickness(fg)
     np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_local_thickness_of_wide_spaces_equals_painting_every_ball(seed):
+    """Wide marrow spaces (radii up to ~10 voxels): the ridge-only painting, which skips the
+    columns an earlier neighbour's ball already covers, must equal painting every ball, also
+    with tiny tiles and runs so that tile seams and run boundaries are crossed."""
+    from scipy import ndimage as ndi
+
+    from bone3d.morphometry.thickness import _paint, _ridge
+
+    rng = np.random.default_rng(seed)
+    bone = ndi.gaussian_filter(rng.random((44, 40, 36)), 2.5) > 0.53
+    marrow = ~bone
+    ref = painted_radii(marrow)
+    assert np.sqrt(ref.max()) > 8  # the case this test is about
+    r2, pts, vals, ridge = _ridge(marrow)
+    np.testing.assert_array_equal(_paint(marrow.shape, pts, vals, r2, ridge), ref)
+    np.testing.assert_array_equal(_paint(marrow.shape, pts, vals, r2, ridge, tile=5, run=97), ref)
+    fast = local_thickness_map(marrow, (1, 1, 1))
+    slow = bonej_clean_up(2 * np.sqrt(ref.astype(np.float64)), marrow)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
 
 
 def test_anisotropic_spacing_is_refused_for_thickness():
