@@ -227,6 +227,28 @@ def test_cortical_tube_with_closed_and_open_pores():
     assert 0.3 < res["ct_th_mm"] < 0.5  # an 8-voxel wall at 50 um, minus what pores remove
 
 
+def test_automatic_cortex_of_a_phantom_recovers_its_closed_pores():
+    """The automatic compartment contains the phantom's true cortex, adds little else, and does
+    not turn endosteal pockets between trabecular roots into open pores."""
+    from bone3d.data.phantom import make_phantom
+    from bone3d.morphometry.cortical import cortical_mask
+
+    ph = make_phantom(
+        shape=(96, 96, 48), spacing_mm=0.04, bv_tv=0.15, cortex=True, n_pores=6, seed=1
+    )
+    bone = ph.truth.data[0].numpy().astype(bool)
+    truth = ph.cortex.data[0].numpy().astype(bool)
+    sp = (0.04,) * 3
+    auto = cortical_mask(bone, sp)
+    assert not (truth & ~auto).any()
+    assert 2 * (auto & truth).sum() / (auto.sum() + truth.sum()) > 0.97
+    ref, got = cortical_metrics(bone, truth, sp), cortical_metrics(bone, auto, sp)
+    assert ref["pore_count"] == ph.pores == 6 and ref["ct_po_open"] == 0
+    assert got["ct_po_closed"] == pytest.approx(ref["ct_po_closed"], rel=0.15)
+    assert got["ct_po_open"] < 0.25 * ref["ct_po"]
+    assert got["ct_th_mm"] == pytest.approx(ref["ct_th_mm"], rel=0.05)
+
+
 def test_cylinder_voi_follows_the_voxel_centre_rule():
     sp = (0.1, 0.1, 0.2)
     voi = cylinder((40, 40, 20), sp, diameter_mm=2.0, height_mm=2.0, centre_mm=(2.0, 2.0, 2.0))
