@@ -60,6 +60,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 HR_MM = 0.05
 SIZE = 96
 HR_RANGE = (-200.0, 1200.0)  # the phantoms' window, mg HA/cm^3
+SCORE_MULTIPLE = 8  # scored region: HR shape floored to a multiple of this (see scored_shape)
 FIDELITY = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")  # the acceptance parameters
 EXPERIMENT = "bone3d-fidelity"
 
@@ -168,8 +169,8 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
     b = ROOT / "bundles" / bundle
     ckpt = run_dir / "models"
     done = run_dir / "done.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if done.is_file():  # reused: its train_s is the original training's time
+        return {**json.loads(done.read_text()), "reused": True}
     cfg = json.loads((b / "configs" / "train.json").read_text())
     scale = cfg.get("scale") or 1
     names = ["train", variant] + (["morphometry_loss"] if morpho else [])
@@ -215,13 +216,24 @@ def _on_hr(lr, hr, interpolation: str) -> np.ndarray:
     return out.data[0].numpy().astype(np.float32)
 
 
+def scored_shape(hr_shape) -> tuple[int, ...]:
+    """The region every method is scored on: the HR grid's first ``(n // SCORE_MULTIPLE) *
+    SCORE_MULTIPLE`` voxels per axis. It depends on the data alone, so a method's scores do not
+    change with the other methods in the run (post-upsampling outputs cover whole multiples of
+    their scale, up to 4, so they are at most 3 voxels short of the HR grid)."""
+    return tuple((n // SCORE_MULTIPLE) * SCORE_MULTIPLE for n in hr_shape)
+
+
 def score_volume(vols: dict[str, np.ndarray], hr: np.ndarray) -> list[dict]:
-    """PSNR/SSIM per method and morphometry per sub-VOI for methods and HR, all cut to the
-    smallest common shape (post-upsampling outputs cover whole multiples of the scale)."""
+    """PSNR/SSIM per method and morphometry per sub-VOI for methods and HR, all on the
+    region ``scored_shape(hr.shape)``."""
     from bone3d.evaluation.image import psnr, ssim
     from bone3d.evaluation.report import sub_vois, voi_morphometry
 
-    shape = tuple(min(s) for s in zip(hr.shape, *(v.shape for v in vols.values()), strict=True))
+    shape = scored_shape(hr.shape)
+    for name, v in vols.items():
+        if any(a < b for a, b in zip(v.shape, shape, strict=True)):
+            raise ValueError(f"{name}: output {v.shape} does not cover the scored region {shape}")
     cut = tuple(slice(0, n) for n in shape)
     hr = hr[cut]
     rng = HR_RANGE[1] - HR_RANGE[0]
@@ -482,7 +494,11 @@ def main() -> int:
         "elapsed_s": round(time.perf_counter() - t_start, 1),
         "elapsed_per_degradation_s": timing,
         "elapsed_note": "elapsed_s is this invocation; with --merge, kept degradations keep "
-        "their own timings",
+        "their own timings; trainings reused from the work folder (reused: true) count only "
+        "their scoring here, and training_s_per_degradation sums every training's own time",
+        "training_s_per_degradation": {
+            d: round(sum(i["train_s"] for i in r.values()), 1) for d, r in runs.items()
+        },
         "config_per_degradation": configs,
         "machine": f"{os.cpu_count()} CPU cores, no GPU",
         "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
@@ -493,6 +509,8 @@ def main() -> int:
             "volumes": [{k: v[k] for k in ("id", "donor", "source")} for v in volumes],
             "split": split,
             "sub_vois_per_volume": 8,
+            "scored_region": f"first (n // {SCORE_MULTIPLE}) * {SCORE_MULTIPLE} HR voxels per axis, "
+            "the same for every method",
             "segmentation": "ImageJ IsoData per volume, inside each sub-VOI",
         },  # fmt: skip
         "trainings": runs,
