@@ -19,8 +19,9 @@ TorchIO/SimpleITK), and for every bundle x variant the model trained through ``p
 monai.bundle run`` with its own loss and with ``common/morphometry_loss_base.json``
 (`bone3d.losses.MorphometryLoss`), then rebuilt whole with ``bone3d infer``.
 
-Scores on the test volumes: PSNR and SSIM (3D, MONAI, data range = the HR window width), and
-per 44^3 sub-VOI (8 per volume, on the scored 88^3 region) BV/TV, Tb.Th, Tb.Sp, Tb.N, Conn.D, DA, each volume segmented by
+Scores on the test volumes, all on one region fixed by the data (``scored_shape``: 88^3): PSNR
+and SSIM (3D, MONAI, data range = the HR window width), and per 44^3 sub-VOI (8 per volume)
+BV/TV, Tb.Th, Tb.Sp, Tb.N, Conn.D, DA, each volume segmented by
 its own ImageJ IsoData threshold inside the VOI (`bone3d.evaluation.report.voi_morphometry`,
 BoneJ conventions): mean absolute relative error vs HR, Pearson R and ICC(2,1) across the test
 VOIs (`bone3d.evaluation.stats.agreement`). LR rows are listed for comparison.
