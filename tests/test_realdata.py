@@ -127,3 +127,16 @@ def test_morphometry_agrees_with_bonej(shared_data, name):
     assert res["euler"] == ref["euler"]
     assert res["delta_chi"] == ref["delta_chi"]
     assert res["connectivity"] == ref["connectivity"]
+
+
+def test_lhdl_da_agrees_with_bonej2_parallel_line_mil(shared_data):
+    """DA of the LHDL core within 0.03 of the BoneJ 2 ParallelLineMIL transcription (see
+    tests/bonej_reference.py), both averaged over two seeds, at unit voxels as BoneJ 2 samples."""
+    from bonej_reference import bonej_anisotropy
+
+    from bone3d.morphometry.anisotropy import fabric_tensor
+
+    bone, _ = _bone(shared_data, "lhdl")
+    ours = np.mean([fabric_tensor(bone, seed=s)["da"] for s in (0, 1)])
+    ref = np.mean([bonej_anisotropy(bone, directions=150, lines=900, seed=s) for s in (0, 1)])
+    assert ours == pytest.approx(ref, abs=0.03)

@@ -4,8 +4,9 @@ Method (Harrigan & Mann 1984, J Mater Sci 19:761; Odgaard 1997, Bone 20:315; as 
 
 1. ``n_directions`` unit vectors drawn uniformly on the sphere (seeded, so reproducible).
 2. For each direction, parallel test lines ``line_spacing_mm`` apart on a randomly shifted grid
-   cover the VOI; points every ``step_mm`` along each line are looked up (nearest voxel, physical
-   coordinates, so anisotropic voxels are handled). An *intercept* is a step from bone to marrow
+   cover the VOI; points every ``step_mm`` (default BoneJ 2's increment, 1.73 voxels) from a
+   random start on each line are looked up (nearest voxel, physical coordinates, so
+   anisotropic voxels are handled). An *intercept* is a step from bone to marrow
    with both points inside the VOI; MIL(u) = (line length inside the VOI) / (intercepts), in mm.
 3. The points ``MIL(u) u`` are fitted by least squares with an ellipsoid ``x^T M x = 1``
    (M symmetric); its eigenvalues are lambda = 1 / r^2 for the semi-axes r.
@@ -26,12 +27,17 @@ import numpy as np
 
 from bone3d.errors import InputError
 
+# BoneJ 2's sampling increment along the MIL lines (its minimum, sqrt(3) voxels rounded to
+# 1.73, the voxel diagonal); DA depends on it (on the LHDL core 0.30 at 1 voxel, 0.39 at 1.73)
+BONEJ_INCREMENT = 1.73
+
 
 @numba.njit(cache=True, parallel=True, nogil=True)
 def _intercepts(
-    labels, spacing, dirs, offsets, line_spacing, step, centre, half
+    labels, spacing, dirs, offsets, starts, line_spacing, step, centre, half
 ):  # pragma: no cover
-    """labels: int8 (1 bone, 0 marrow, -1 outside VOI). Returns (length_mm, intercepts) per dir."""
+    """labels: int8 (1 bone, 0 marrow, -1 outside VOI); ``starts`` (dirs, lines, lines) in
+    [0, 1): each line's first sample, in steps. Returns (length_mm, intercepts) per dir."""
     nd = dirs.shape[0]
     length = np.zeros(nd)
     count = np.zeros(nd)
@@ -61,7 +67,7 @@ def _intercepts(
                 b = -half + (j + offsets[d, 1]) * line_spacing
                 prev = -1
                 for k in range(nsteps):
-                    t = -half + k * step
+                    t = -half + (k + starts[d, i, j]) * step
                     px = centre[0] + a * v0 + b * w0 + t * u0
                     py = centre[1] + a * v1 + b * w1 + t * u1
                     pz = centre[2] + a * v2 + b * w2 + t * u2
@@ -106,13 +112,17 @@ def fabric_tensor(
     hi = np.array([b.stop - 1 for b in box]) * sp
     centre = (lo + hi) / 2.0
     half = float(np.linalg.norm(hi - lo) / 2.0 + sp.max())
-    step = float(step_mm or sp.min())
+    step = float(step_mm or BONEJ_INCREMENT * sp.min())
     line_spacing = float(line_spacing_mm or max(sp.max(), 2 * half / 32))
     rng = np.random.default_rng(seed)
     dirs = rng.standard_normal((n_directions, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     offsets = rng.random((n_directions, 2))
-    length, count = _intercepts(labels, sp, dirs, offsets, line_spacing, step, centre, half)
+    nlines = int(2 * half / line_spacing) + 1
+    starts = rng.random((n_directions, nlines, nlines))
+    length, count = _intercepts(
+        labels, sp, dirs, offsets, starts, line_spacing, step, centre, half
+    )
     if np.any(count == 0):
         return None
     mil = length / count
