@@ -120,9 +120,7 @@ def fabric_tensor(
     offsets = rng.random((n_directions, 2))
     nlines = int(2 * half / line_spacing) + 1
     starts = rng.random((n_directions, nlines, nlines))
-    length, count = _intercepts(
-        labels, sp, dirs, offsets, starts, line_spacing, step, centre, half
-    )
+    length, count = _intercepts(labels, sp, dirs, offsets, starts, line_spacing, step, centre, half)
     if np.any(count == 0):
         return None
     mil = length / count
