@@ -42,7 +42,7 @@ def _intercepts(
     length = np.zeros(nd)
     count = np.zeros(nd)
     nx, ny, nz = labels.shape
-    nlines = int(2 * half / line_spacing) + 1
+    nlines = starts.shape[1]  # lines per side of the grid, as fabric_tensor drew their starts
     nsteps = int(2 * half / step) + 1
     for d in numba.prange(nd):
         u0, u1, u2 = dirs[d, 0], dirs[d, 1], dirs[d, 2]
