@@ -3,7 +3,10 @@
 from bone3d.losses.morphometry import (
     MorphometryLoss,
     MorphometryWarmup,
+    fabric_profile,
     granulometry,
+    intercept_density,
+    lattice_directions,
     otsu_threshold,
     soft_bone,
     soft_bvtv,
@@ -14,7 +17,10 @@ from bone3d.losses.morphometry import (
 __all__ = [
     "MorphometryLoss",
     "MorphometryWarmup",
+    "fabric_profile",
     "granulometry",
+    "intercept_density",
+    "lattice_directions",
     "otsu_threshold",
     "soft_bone",
     "soft_bvtv",
