@@ -29,8 +29,8 @@ definitions when ``p`` is binary:
   boundaries crossed per unit length of line along v (stereology, Underwood 1970), taken along
   the 13 (3D) or 4 (2D) lattice directions as ``mean |p(x + v) - p(x)| / |v|``: for binary
   ``p`` it is exactly the crossing count per voxel length of the lattice lines. The mean
-  intercept length is ``MIL(v) = 2 / P_L(v)`` (BoneJ 2's ParallelLineMIL counts the entries
-  into bone, half the crossings), so the MIL fabric tensor (Harrigan & Mann 1984), fitted to
+  intercept length is ``MIL(v) = 1 / P_L(v)`` (BoneJ 2's ParallelLineMIL divides the line
+  length by every phase change), so the MIL fabric tensor (Harrigan & Mann 1984), fitted to
   ``1 / MIL(v)^2``, and its DA = 1 - lambda_min / lambda_max are functions of the profile
   ``P_L(v) / mean_v P_L(v)`` alone: two images whose normalised profiles agree have the same
   DA and fabric axes. 13 directions over-determine the 6 unknowns of the 3D tensor.
@@ -169,7 +169,7 @@ def intercept_density(p: torch.Tensor) -> torch.Tensor:
     """Boundary crossings per voxel length along each `lattice_directions` vector; (N, C, K).
 
     ``mean |p(x + v) - p(x)| / |v|`` over the voxel pairs inside the patch; for binary ``p`` it
-    is the stereological P_L(v) of the lattice lines (see the module docstring), 2 / MIL(v).
+    is the stereological P_L(v) of the lattice lines (see the module docstring), 1 / MIL(v).
     """
     n = _spatial(p)
     dims = tuple(range(2, 2 + n))
