@@ -36,6 +36,12 @@ trilinear LR's, so that each parameter counts equally) as an exported bundle in
     .venv/bin/python benchmarks/fidelity.py                 # everything (2 h budget on 2 cores)
     .venv/bin/python benchmarks/fidelity.py --degradations hrpqct --variants 3d --models unet_sr
 
+``--purify`` rescoring (a sensitivity check, not the headline protocol): each sub-VOI's bone is
+purified before morphometry, HR and every method alike (BoneJ Purify: the largest 26-connected
+particle, enclosed marrow filled; BoneJ's Connectivity asks for one particle). It writes
+``benchmarks/results/fidelity_purified.json`` and MLflow metrics ``fid_purified_*``, exports
+nothing, and reuses the trained models and SR volumes of ``WORK``.
+
 Trained models are kept in ``WORK`` (``benchmarks/results/work``, not committed): a rerun skips
 finished trainings and resumes interrupted ones from their last checkpoint.
 """
@@ -65,6 +71,7 @@ HR_RANGE = (-200.0, 1200.0)  # the phantoms' window, mg HA/cm^3
 SCORE_MULTIPLE = 8  # scored region: HR shape floored to a multiple of this (see scored_shape)
 FIDELITY = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")  # the acceptance parameters
 EXPERIMENT = "bone3d-fidelity"
+PURIFIED_OUT = RESULTS / "fidelity_purified.json"
 
 
 def _log(msg: str) -> None:
@@ -226,9 +233,12 @@ def scored_shape(hr_shape) -> tuple[int, ...]:
     return tuple((n // SCORE_MULTIPLE) * SCORE_MULTIPLE for n in hr_shape)
 
 
-def score_volume(vols: dict[str, np.ndarray], hr: np.ndarray) -> list[dict]:
+def score_volume(
+    vols: dict[str, np.ndarray], hr: np.ndarray, *, purify: bool = False
+) -> list[dict]:
     """PSNR/SSIM per method and morphometry per sub-VOI for methods and HR, all on the
-    region ``scored_shape(hr.shape)``."""
+    region ``scored_shape(hr.shape)``; ``purify``: each sub-VOI's bone purified first (BoneJ
+    Purify, HR and every method alike)."""
     from bone3d.evaluation.image import psnr, ssim
     from bone3d.evaluation.report import sub_vois, voi_morphometry
 
@@ -245,7 +255,7 @@ def score_volume(vols: dict[str, np.ndarray], hr: np.ndarray) -> list[dict]:
         v = v[cut]
         img = {} if name == "HR" else {"psnr_db": psnr(v, hr, rng), "ssim": ssim(v, hr, rng)}
         for bname, voi in blocks.items():
-            m = voi_morphometry(v, (HR_MM,) * 3, voi, "isodata")
+            m = voi_morphometry(v, (HR_MM,) * 3, voi, "isodata", purify=purify)
             rows.append({"method": name, "voi": bname, **img, **m})
     return rows
 
@@ -396,10 +406,21 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     ap.add_argument("--no-export", action="store_true")
     ap.add_argument(
+        "--purify", action="store_true",
+        help="sensitivity protocol: BoneJ Purify on every sub-VOI's bone (HR and every method) "
+        f"before morphometry; writes {PURIFIED_OUT.name} unless --out is given, MLflow metrics "
+        "fid_purified_*, and exports nothing",
+    )  # fmt: skip
+    ap.add_argument(
         "--merge", action="store_true",
         help="keep the degradations of an existing --out file that this run does not redo",
     )  # fmt: skip
     args = ap.parse_args()
+    if args.purify:
+        args.no_export = True
+        if args.out == ap.get_default("out"):
+            args.out = str(PURIFIED_OUT)
+    prefix = "fid_purified_" if args.purify else "fid_"
     if not DATA.is_dir():
         print(f"needs the real micro-CT volumes in {DATA}", file=sys.stderr)
         return 2
@@ -460,7 +481,7 @@ def main() -> int:
                 infer(info["bundle"], info["variant"], info["checkpoint"], item["image"], out,
                       out.parent / "infer.log")  # fmt: skip
                 vols[_label(info)] = read_volume(out).data[0].numpy().astype(np.float32)
-            for r in score_volume(vols, h.astype(np.float32)):
+            for r in score_volume(vols, h.astype(np.float32), purify=args.purify):
                 deg_rows.append({"degradation": deg, "specimen": item["specimen"], **r})
             _log(f"{deg} {item['specimen']}: scored {len(vols)} methods")
         summary[deg] = summarise(deg_rows)
@@ -474,7 +495,8 @@ def main() -> int:
         # MLflow: scores on the training runs, baselines as runs of their own
         exp = client.get_experiment_by_name(EXPERIMENT)
         exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
-        csv = write_csv(deg_rows, work / deg / "voi_scores.csv", list(deg_rows[0]))
+        csv_name = "voi_scores_purified.csv" if args.purify else "voi_scores.csv"
+        csv = write_csv(deg_rows, work / deg / csv_name, list(deg_rows[0]))
         for m, s in summary[deg].items():
             if m in runs[deg]:
                 found = client.search_runs(
@@ -485,7 +507,7 @@ def main() -> int:
                 run_id = found[0].info.run_id
             else:
                 run_id = client.create_run(
-                    exp_id, run_name=f"{m.replace(' ', '-')}-{deg}",
+                    exp_id, run_name=f"{m.replace(' ', '-')}-{deg}" + ("-purified" if args.purify else ""),
                     tags={"bone3d.kind": "baseline"},
                 ).info.run_id  # fmt: skip
                 client.log_param(run_id, "model", m)
@@ -496,7 +518,7 @@ def main() -> int:
                 client.set_terminated(run_id)
             for k, v in s.items():
                 if v is not None:
-                    client.log_metric(run_id, f"fid_{k}", float(v))
+                    client.log_metric(run_id, f"{prefix}{k}", float(v))
             client.log_artifact(run_id, str(csv), artifact_path="fidelity")
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -520,7 +542,8 @@ def main() -> int:
             "sub_vois_per_volume": 8,
             "scored_region": f"first (n // {SCORE_MULTIPLE}) * {SCORE_MULTIPLE} HR voxels per axis, "
             "the same for every method",
-            "segmentation": "ImageJ IsoData per volume, inside each sub-VOI",
+            "segmentation": "ImageJ IsoData per volume, inside each sub-VOI"
+            + ("; then BoneJ Purify of each sub-VOI's bone" if args.purify else ""),
         },  # fmt: skip
         "trainings": runs,
         "summary": summary,

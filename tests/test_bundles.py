@@ -240,6 +240,7 @@ def test_morphometry_loss_overlay_trains(bundle, variant, datalist, tmp_path):
     weights = json.loads(run.data.params["morphometry_loss"].replace("'", '"'))
     overlay = json.loads((ROOT / "bundles/common/morphometry_loss_base.json").read_text())
     assert weights == overlay["morphometry_loss"]
-    assert run.data.params["morphometry_loss_warmup"] == str(overlay["morphometry_loss_warmup"])
+    for k in ("morphometry_loss_warmup", "morphometry_loss_pretrain"):
+        assert run.data.params[k] == str(overlay[k])
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert losses and all(np.isfinite(losses))

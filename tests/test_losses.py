@@ -382,3 +382,27 @@ def test_warmup_ramps_the_morphometric_terms_only():
     assert seen[0][1] == pytest.approx(pixel)  # first iteration: the pixel loss alone
     assert seen[-1][1] == pytest.approx(full)
     assert seen[1][1] == pytest.approx(pixel + 0.25 * (full - pixel))
+
+
+def test_warmup_pretrain_holds_the_pixel_loss_alone_then_ramps():
+    from ignite.engine import Engine
+
+    from bone3d.losses import MorphometryWarmup
+
+    y = _random_soft((1, 1, 12, 12, 12), 7).float()
+    x = y.flip(-2)
+    loss = MorphometryLoss()
+    full = float(loss(x, y))
+    pixel = loss.terms["pixel"]
+    seen = []
+    engine = Engine(lambda e, _: seen.append((loss.ramp, float(loss(x, y)))))
+    warm = MorphometryWarmup(loss, iterations=2, pretrain=0.4)
+    warm.attach(engine)
+    engine.run(range(5), max_epochs=2)  # 10 iterations: 4 of them on the pixel loss alone
+    assert warm.delay(engine) == 4
+    assert [r for r, _ in seen] == [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert [v for _, v in seen[:5]] == pytest.approx([pixel] * 5)
+    assert seen[-1][1] == pytest.approx(full) and full > pixel
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="pretrain"):
+            MorphometryWarmup(loss, iterations=2, pretrain=bad)

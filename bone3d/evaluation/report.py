@@ -80,12 +80,16 @@ def sub_vois(region: np.ndarray, split: int) -> dict[str, np.ndarray]:
     return out
 
 
-def voi_morphometry(vol, spacing, voi, threshold) -> dict:
+def voi_morphometry(vol, spacing, voi, threshold, *, purify: bool = False) -> dict:
     """`PARAMS` of ``vol`` in ``voi`` (segmented by ``threshold`` computed inside the VOI) and the
-    threshold used."""
+    threshold used. ``purify``: BoneJ's Purify on the VOI's bone first (the largest particle,
+    enclosed cavities filled), the input BoneJ's Connectivity documentation asks for."""
     from bone3d.morphometry import morphometry, segment
+    from bone3d.morphometry.thresholds import purify as _purify
 
     bone, t = segment(vol, threshold, mask=voi)
+    if purify:
+        bone = _purify(bone & np.asarray(voi, bool))
     m = morphometry(bone, spacing, voi=voi, metrics=METRICS)
     return {k: m[k] for k in PARAMS} | {"threshold": t}
 
