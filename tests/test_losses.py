@@ -360,7 +360,15 @@ def test_fit_regressor_command(tmp_path, capsys):
     assert load_regressor(out).spatial_dims == 2
 
 
-def test_warmup_ramps_the_morphometric_terms_only():
+@pytest.mark.parametrize(
+    "iterations, pretrain, epochs, ramps",
+    [
+        (4, 0.0, 1, [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]),
+        # 2 epochs of 5: 10 iterations, the first 4 on the pixel loss alone, then a 2-step ramp
+        (2, 0.4, 2, [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
+def test_warmup_ramps_the_morphometric_terms_only(iterations, pretrain, epochs, ramps):
     from ignite.engine import Engine
 
     from bone3d.losses import MorphometryWarmup
@@ -371,38 +379,20 @@ def test_warmup_ramps_the_morphometric_terms_only():
     full = float(loss(x, y))
     pixel = loss.terms["pixel"]
     seen = []
-
-    def step(engine, _):
-        seen.append((loss.ramp, float(loss(x, y))))
-
-    engine = Engine(step)
-    MorphometryWarmup(loss, iterations=4).attach(engine)
-    engine.run(range(6), max_epochs=1)
-    assert [r for r, _ in seen] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    assert seen[0][1] == pytest.approx(pixel)  # first iteration: the pixel loss alone
-    assert seen[-1][1] == pytest.approx(full)
-    assert seen[1][1] == pytest.approx(pixel + 0.25 * (full - pixel))
+    engine = Engine(lambda e, _: seen.append((loss.ramp, float(loss(x, y)))))
+    warm = MorphometryWarmup(loss, iterations=iterations, pretrain=pretrain)
+    warm.attach(engine)
+    engine.run(range(len(ramps) // epochs), max_epochs=epochs)
+    assert warm.delay(engine) == round(pretrain * len(ramps))
+    assert [r for r, _ in seen] == ramps
+    assert [v for r, v in seen if r == 0] == pytest.approx([pixel] * ramps.count(0.0))
+    assert [v for r, v in seen if r == 0.5] == pytest.approx([pixel + 0.5 * (full - pixel)])
+    assert seen[-1][1] == pytest.approx(full) and full > pixel
 
 
-def test_warmup_pretrain_holds_the_pixel_loss_alone_then_ramps():
-    from ignite.engine import Engine
-
+def test_warmup_rejects_a_pretrain_outside_the_run():
     from bone3d.losses import MorphometryWarmup
 
-    y = _random_soft((1, 1, 12, 12, 12), 7).float()
-    x = y.flip(-2)
-    loss = MorphometryLoss()
-    full = float(loss(x, y))
-    pixel = loss.terms["pixel"]
-    seen = []
-    engine = Engine(lambda e, _: seen.append((loss.ramp, float(loss(x, y)))))
-    warm = MorphometryWarmup(loss, iterations=2, pretrain=0.4)
-    warm.attach(engine)
-    engine.run(range(5), max_epochs=2)  # 10 iterations: 4 of them on the pixel loss alone
-    assert warm.delay(engine) == 4
-    assert [r for r, _ in seen] == [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
-    assert [v for _, v in seen[:5]] == pytest.approx([pixel] * 5)
-    assert seen[-1][1] == pytest.approx(full) and full > pixel
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="pretrain"):
-            MorphometryWarmup(loss, iterations=2, pretrain=bad)
+            MorphometryWarmup(MorphometryLoss(), iterations=2, pretrain=bad)
