@@ -348,8 +348,8 @@ class MorphometryWarmup:
     mean little before it is bone-like. From a random start they stalled or derailed
     post-upsampling nets and GANs in the fidelity benchmark; pre-training on half the run
     improved the U-Net 3D on both presets there (README, Results). The factor is a function of
-    ``engine.state.iteration`` and ``max_epochs`` alone, which checkpoints restore, so a resumed
-    run continues the same schedule.
+    ``engine.state`` ``iteration``, ``max_epochs`` and ``epoch_length`` alone, which a resumed
+    run restores, so it continues the same schedule.
     """
 
     def __init__(self, loss: MorphometryLoss, iterations: int, pretrain: float = 0.0):
