@@ -17,7 +17,9 @@ preset (``hrpqct``, ``mdct``; `bone3d.data.simulate`).
 Methods, per degradation: the LR input resampled to the HR grid (trilinear, and cubic B-spline;
 TorchIO/SimpleITK), and for every bundle x variant the model trained through ``python -m
 monai.bundle run`` with its own loss and with ``common/morphometry_loss_base.json``
-(`bone3d.losses.MorphometryLoss`), then rebuilt whole with ``bone3d infer``.
+(`bone3d.losses.MorphometryLoss`), then rebuilt whole with ``bone3d infer --self-ensemble``
+(every model's output averaged over the mirrored inputs, the EDSR+ protocol:
+`bone3d.inference.ensemble`; ``--no-self-ensemble`` scores single passes).
 
 Scores on the test volumes, all on one region fixed by the data (``scored_shape``: 88^3): PSNR
 and SSIM (3D, MONAI, data range = the HR window width), and per 44^3 sub-VOI (8 per volume)
@@ -208,11 +210,18 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
     return info
 
 
-def infer(bundle: str, variant: str, checkpoint: str, lr: str, out: Path, log: Path) -> Path:
+def infer(bundle: str, variant: str, checkpoint: str, lr: str, out: Path, log: Path,
+          ensemble: bool = True) -> Path:  # fmt: skip
     if not out.is_file():
         _py(["-m", "bone3d.cli", "infer", str(ROOT / "bundles" / bundle), lr, "-o", str(out),
-             "--variant", variant, "--checkpoint", checkpoint], log)  # fmt: skip
+             "--variant", variant, "--checkpoint", checkpoint,
+             *(["--self-ensemble"] if ensemble else [])], log)  # fmt: skip
     return out
+
+
+def sr_folder(work: Path, deg: str, ensemble: bool) -> Path:
+    """Where the SR volumes of one protocol are kept (reused by a rerun)."""
+    return work / deg / ("sr-ensemble" if ensemble else "sr")
 
 
 # --- scoring --------------------------------------------------------------------------------
@@ -366,13 +375,15 @@ def print_table(deg: str, s: dict[str, dict]) -> None:
         print(f"{m:28s}{r['psnr_db']:7.2f}{r['ssim']:7.3f}{cells}{r['fidelity_vs_lr']:8.2f}")
 
 
-def export_best(info: dict, target: Path) -> Path:
-    """``bone3d export`` of the best run, unpacked into ``target`` (replaced atomically)."""
+def export_best(info: dict, target: Path, ensemble: bool) -> Path:
+    """``bone3d export`` of the best run (with the self-ensemble on when it was scored so),
+    unpacked into ``target`` (replaced atomically)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         z = Path(tmp) / "best.zip"
         _py(["-m", "bone3d.cli", "export", str(ROOT / "bundles" / info["bundle"]), "--variant",
-             info["variant"], "-o", str(z), "--checkpoint", info["checkpoint"]],
+             info["variant"], "-o", str(z), "--checkpoint", info["checkpoint"],
+             *(["--self-ensemble"] if ensemble else [])],
             Path(tmp) / "export.log")  # fmt: skip
         unpacked = Path(tmp) / "bundle"
         with zipfile.ZipFile(z) as zf:
@@ -405,6 +416,11 @@ def main() -> int:
     ap.add_argument("--work", default=str(RESULTS / "work"))
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     ap.add_argument("--no-export", action="store_true")
+    ap.add_argument(
+        "--self-ensemble", action=argparse.BooleanOptionalAction, default=True,
+        help="score every model's mirror self-ensemble (bone3d infer --self-ensemble; the "
+        "exported best bundle has it on); --no-self-ensemble: single passes",
+    )  # fmt: skip
     ap.add_argument(
         "--purify", action="store_true",
         help="sensitivity protocol: BoneJ Purify on every sub-VOI's bone (HR and every method) "
@@ -476,10 +492,11 @@ def main() -> int:
                 a, b = np.polyfit(vols[k].ravel().astype(np.float64), h.ravel(), 1)
                 vols[k] = (a * vols[k] + b).astype(np.float32)
             for info in infos:
-                out = work / deg / "sr" / _label(info) / f"{item['specimen']}.nii.gz"
+                out = sr_folder(work, deg, args.self_ensemble) / _label(info)
+                out = out / f"{item['specimen']}.nii.gz"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 infer(info["bundle"], info["variant"], info["checkpoint"], item["image"], out,
-                      out.parent / "infer.log")  # fmt: skip
+                      out.parent / "infer.log", args.self_ensemble)  # fmt: skip
                 vols[_label(info)] = read_volume(out).data[0].numpy().astype(np.float32)
             for r in score_volume(vols, h.astype(np.float32), purify=args.purify):
                 deg_rows.append({"degradation": deg, "specimen": item["specimen"], **r})
@@ -490,7 +507,8 @@ def main() -> int:
         rows += deg_rows
         timing[deg] = round(time.perf_counter() - t_deg, 1)
         configs[deg] = {"models": args.models, "variants": args.variants, "loss": args.loss,
-                        "epochs": epochs, "phantoms": args.phantoms, "seed": args.seed}  # fmt: skip
+                        "epochs": epochs, "phantoms": args.phantoms, "seed": args.seed,
+                        "self_ensemble": args.self_ensemble}  # fmt: skip
         print_table(deg, summary[deg])
         # MLflow: scores on the training runs, baselines as runs of their own
         exp = client.get_experiment_by_name(EXPERIMENT)
@@ -505,6 +523,8 @@ def main() -> int:
                 if not found:
                     continue
                 run_id = found[0].info.run_id
+                # which inference the fid_* metrics on this training run measured
+                client.set_tag(run_id, f"bone3d.{prefix}self_ensemble", str(args.self_ensemble))
             else:
                 run_id = client.create_run(
                     exp_id, run_name=f"{m.replace(' ', '-')}-{deg}" + ("-purified" if args.purify else ""),
@@ -544,6 +564,8 @@ def main() -> int:
             "the same for every method",
             "segmentation": "ImageJ IsoData per volume, inside each sub-VOI"
             + ("; then BoneJ Purify of each sub-VOI's bone" if args.purify else ""),
+            "inference": "bone3d infer"
+            + (" --self-ensemble (mean over the mirrored inputs)" if args.self_ensemble else ""),
         },  # fmt: skip
         "trainings": runs,
         "summary": summary,
@@ -555,7 +577,7 @@ def main() -> int:
     if "hrpqct" not in args.degradations and prev.get("best_bundle"):
         result["best_bundle"] = prev["best_bundle"]  # hrpqct kept from the earlier run
     elif best and not args.no_export:
-        target = export_best(runs["hrpqct"][best], RESULTS / "best_bundle")
+        target = export_best(runs["hrpqct"][best], RESULTS / "best_bundle", args.self_ensemble)
         result["best_bundle"] = {"model": best, "path": str(target.relative_to(ROOT))}
         _log(f"best model {best} exported to {target}")
     write_json(result, args.out)

@@ -93,6 +93,10 @@ def _copy_scripts(dest: Path, modules: list[str], slab: bool) -> None:
         if "from bone3d" in src:
             raise InputError("bone3d.inference.slab", "imports bone3d; cannot export")
         (dest / "slab.py").write_text(src)
+    src = (Path(inference.__file__).parent / "ensemble.py").read_text()
+    if "from bone3d" in src:
+        raise InputError("bone3d.inference.ensemble", "imports bone3d; cannot export")
+    (dest / "ensemble.py").write_text(src)
 
 
 def _json_value(v):
@@ -105,9 +109,13 @@ def _json_value(v):
 
 
 def inference_config(
-    target: str, args: dict, meta: dict, patch, sw_batch, overlap, slab, scale=None
-) -> dict:
+    target: str, args: dict, meta: dict, patch, sw_batch, overlap, slab, scale=None,
+    self_ensemble: bool = False,
+) -> dict:  # fmt: skip
     """The exported ``inference.json``: MONAI components only (see the module docstring).
+
+    ``self_ensemble``: the evaluator runs ``scripts.ensemble.FlipEnsemble`` around the network
+    (`bone3d.inference.ensemble`); ``--self_ensemble false|true`` switches it at run time.
 
     ``scale`` (post-upsampling models): the LR goes onto ``scale x`` the HR spacing, the windows
     are ``patch // scale`` LR voxels, and the prediction's affine is set to the HR grid
@@ -145,6 +153,9 @@ def inference_config(
         "hr_range": [hr0, hr1],
         "network_def": {"_target_": target, **_json_value(args)},
         "network": "$@network_def.to(@device)",
+        "self_ensemble": bool(self_ensemble),
+        "ensemble": {"_target_": "scripts.ensemble.FlipEnsemble", "network": "@network"},
+        "predict_network": "$@ensemble if @self_ensemble else @network",
         "preprocessing": {
             "_target_": "Compose",
             "transforms": [
@@ -229,7 +240,7 @@ def inference_config(
             "_target_": "SupervisedEvaluator",
             "device": "@device",
             "val_data_loader": "@dataloader",
-            "network": "@network",
+            "network": "@predict_network",
             "inferer": "@inferer",
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
@@ -245,8 +256,12 @@ def export_bundle(
     output: str | Path,
     variant: str = "3d",
     checkpoint: str | Path | None = None,
+    self_ensemble: bool | None = None,
 ) -> Path:
-    """Write ``output`` (a zip whose top folder is the bundle's name); see the module docstring."""
+    """Write ``output`` (a zip whose top folder is the bundle's name); see the module docstring.
+
+    ``self_ensemble``: the exported default of the mirror self-ensemble
+    (`bone3d.inference.ensemble`); None: the bundle's ``self_ensemble`` setting."""
     from monai.bundle import ConfigParser
 
     from bone3d.engines import bundle_configs
@@ -302,6 +317,7 @@ def export_bundle(
             float(parser["sw_overlap"]),
             None if slab is None else int(slab),
             scale,
+            bool(parser["self_ensemble"]) if self_ensemble is None else self_ensemble,
         )
         (root / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
         metadata = json.loads((bundle / "configs" / "metadata.json").read_text())

@@ -66,25 +66,32 @@ def _checkpoint(tmp: Path, model: str, variant: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "bundle, model, variant",
+    "bundle, model, variant, ensemble",
     [
-        ("stargan", "stargan", "2p5d"),
-        ("funit", "funit", "3d"),
-        ("dan", "dan", "3d"),
-        ("rcan", "rcan", "2p5d"),
+        ("stargan", "stargan", "2p5d", False),
+        ("funit", "funit", "3d", True),
+        ("dan", "dan", "3d", False),
+        ("rcan", "rcan", "2p5d", True),
     ],
 )
-def test_exported_bundle_runs_without_bone3d(bundle, model, variant, plain_python, tmp_path):
+def test_exported_bundle_runs_without_bone3d(
+    bundle, model, variant, ensemble, plain_python, tmp_path
+):
+    """``ensemble``: exported with the mirror self-ensemble on, compared with ``bone3d infer
+    --self-ensemble``."""
     ckpt = _checkpoint(tmp_path, model, variant)
     rng = np.random.default_rng(0)
     lr = make_image(rng.normal(600, 300, (20, 18, 16)).astype(np.float32), spacing=(0.1,) * 3)
     lr_path = write_volume(lr, tmp_path / "lr.nii.gz")
 
-    zipped = export_bundle(ROOT / "bundles" / bundle, tmp_path / "out.zip", variant, ckpt)
+    zipped = export_bundle(
+        ROOT / "bundles" / bundle, tmp_path / "out.zip", variant, ckpt, self_ensemble=ensemble
+    )
     names = zipfile.ZipFile(zipped).namelist()
     assert f"{bundle}/configs/inference.json" in names and f"{bundle}/models/model.pt" in names
     cfg = json.loads(zipfile.ZipFile(zipped).read(f"{bundle}/configs/inference.json"))
     assert "bone3d" not in json.dumps(cfg)
+    assert cfg["self_ensemble"] is ensemble
     imports = re.compile(r"^\s*(from|import) bone3d", re.MULTILINE)
     assert not any(imports.search(zipfile.ZipFile(zipped).read(n).decode())
                    for n in names if n.endswith(".py"))  # fmt: skip
@@ -117,14 +124,19 @@ def test_exported_bundle_runs_without_bone3d(bundle, model, variant, plain_pytho
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     exported = read_volume(work / "out" / "lr_sr.nii.gz")
 
-    ours = tmp_path / "sr.nii.gz"
-    res = subprocess.run(
-        [sys.executable, "-m", "bone3d.cli", "infer", str(ROOT / "bundles" / bundle), str(lr_path),
-         "-o", str(ours), "--variant", variant, "--checkpoint", str(ckpt)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    ref = read_volume(ours)
+    def infer(out: Path, *extra: str):
+        res = subprocess.run(
+            [sys.executable, "-m", "bone3d.cli", "infer", str(ROOT / "bundles" / bundle),
+             str(lr_path), "-o", str(out), "--variant", variant, "--checkpoint", str(ckpt), *extra],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        return read_volume(out)
+
+    ref = infer(tmp_path / "sr.nii.gz", *(["--self-ensemble"] if ensemble else []))
+    if ensemble:  # the untrained network is not mirror-equivariant: the ensemble changes it
+        plain = infer(tmp_path / "plain.nii.gz").data.numpy()
+        assert np.abs(plain - ref.data.numpy()).max() > 1e-3 * np.ptp(plain)
     assert exported.spatial_shape == ref.spatial_shape
     np.testing.assert_allclose(exported.affine, ref.affine, atol=1e-3)  # < 2 % of a voxel
     a, e = ref.data.numpy().ravel(), exported.data.numpy().ravel()

@@ -15,7 +15,7 @@ from monai.inferers import SlidingWindowInferer
 
 from bone3d.data.phantom import make_phantom
 from bone3d.data.simulate import degrade
-from bone3d.inference import SlabInferer, VolumePredictor
+from bone3d.inference import FlipEnsemble, SlabInferer, VolumePredictor
 from bone3d.io import read_volume, write_volume
 from bone3d.nets import build
 
@@ -30,9 +30,12 @@ def lr_path(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("mode", ["3d", "2p5d"])
+@pytest.mark.parametrize(
+    "mode, ensemble", [("3d", False), ("2p5d", False), ("3d", True), ("2p5d", True)]
+)
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-def test_streamed_equals_in_memory(tmp_path, lr_path, mode, suffix):
+def test_streamed_equals_in_memory(tmp_path, lr_path, mode, ensemble, suffix):
+    """Also with the mirror self-ensemble around the network (3D streaming calls it per window)."""
     torch.manual_seed(0)
     if mode == "3d":
         net = build("unet", 3, "tiny").eval()
@@ -42,6 +45,8 @@ def test_streamed_equals_in_memory(tmp_path, lr_path, mode, suffix):
     else:
         net = build("unet", 2, "tiny", in_channels=5).eval()
         inferer = SlabInferer(roi_size=[32, 32], slab=2)
+    if ensemble:
+        net = FlipEnsemble(net).eval()
     whole = VolumePredictor(net, inferer, META, stream_voxels=10**12).run(
         lr_path, tmp_path / f"whole{suffix}"
     )
