@@ -19,7 +19,8 @@ TorchIO/SimpleITK), and for every bundle x variant the model trained through ``p
 monai.bundle run`` with its own loss and with ``common/morphometry_loss_base.json``
 (`bone3d.losses.MorphometryLoss`), then rebuilt whole with ``bone3d infer --self-ensemble``
 (every model's output averaged over the mirrored inputs, the EDSR+ protocol:
-`bone3d.inference.ensemble`; ``--no-self-ensemble`` scores single passes).
+`bone3d.inference.ensemble`; ``--no-self-ensemble`` scores single passes into
+``fidelity_single_pass.json``, MLflow metrics ``fid_single_pass_*``, and exports nothing).
 
 Scores on the test volumes, all on one region fixed by the data (``scored_shape``: 88^3): PSNR
 and SSIM (3D, MONAI, data range = the HR window width), and per 44^3 sub-VOI (8 per volume)
@@ -419,7 +420,8 @@ def main() -> int:
     ap.add_argument(
         "--self-ensemble", action=argparse.BooleanOptionalAction, default=True,
         help="score every model's mirror self-ensemble (bone3d infer --self-ensemble; the "
-        "exported best bundle has it on); --no-self-ensemble: single passes",
+        "exported best bundle has it on); --no-self-ensemble: single passes, MLflow metrics "
+        "fid_single_pass_*, fidelity_single_pass.json, no export",
     )  # fmt: skip
     ap.add_argument(
         "--purify", action="store_true",
@@ -432,11 +434,13 @@ def main() -> int:
         help="keep the degradations of an existing --out file that this run does not redo",
     )  # fmt: skip
     args = ap.parse_args()
-    if args.purify:
+    # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
+    suffix = ("_purified" if args.purify else "") + ("" if args.self_ensemble else "_single_pass")
+    prefix = f"fid{suffix}_"
+    if suffix:  # a sensitivity protocol: its own JSON, no export
         args.no_export = True
         if args.out == ap.get_default("out"):
-            args.out = str(PURIFIED_OUT)
-    prefix = "fid_purified_" if args.purify else "fid_"
+            args.out = str(RESULTS / f"fidelity{suffix}.json")
     if not DATA.is_dir():
         print(f"needs the real micro-CT volumes in {DATA}", file=sys.stderr)
         return 2
@@ -513,7 +517,7 @@ def main() -> int:
         # MLflow: scores on the training runs, baselines as runs of their own
         exp = client.get_experiment_by_name(EXPERIMENT)
         exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
-        csv_name = "voi_scores_purified.csv" if args.purify else "voi_scores.csv"
+        csv_name = f"voi_scores{suffix}.csv"
         csv = write_csv(deg_rows, work / deg / csv_name, list(deg_rows[0]))
         for m, s in summary[deg].items():
             if m in runs[deg]:
@@ -524,10 +528,9 @@ def main() -> int:
                     continue
                 run_id = found[0].info.run_id
                 # which inference the fid_* metrics on this training run measured
-                client.set_tag(run_id, f"bone3d.{prefix}self_ensemble", str(args.self_ensemble))
             else:
                 run_id = client.create_run(
-                    exp_id, run_name=f"{m.replace(' ', '-')}-{deg}" + ("-purified" if args.purify else ""),
+                    exp_id, run_name=f"{m.replace(' ', '-')}-{deg}{suffix.replace('_', '-')}",
                     tags={"bone3d.kind": "baseline"},
                 ).info.run_id  # fmt: skip
                 client.log_param(run_id, "model", m)
