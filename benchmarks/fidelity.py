@@ -527,7 +527,6 @@ def main() -> int:
                 if not found:
                     continue
                 run_id = found[0].info.run_id
-                # which inference the fid_* metrics on this training run measured
             else:
                 run_id = client.create_run(
                     exp_id, run_name=f"{m.replace(' ', '-')}-{deg}{suffix.replace('_', '-')}",

@@ -242,7 +242,8 @@ class MorphometryLoss(nn.Module):
             2r + 1 covers the thickest trabeculae / widest marrow spaces in a patch. Too small
             a spacing radius makes the term blind to a bone speck in the middle of a wide
             space (balls narrower than the space still fit beside it); the bundles use 16
-            (``morphometry_loss_radii``: marrow spaces up to 33 voxels, 1.65 mm at 50 um).
+            (``morphometry_loss_radii``; with ``spacing_pool`` 2, balls up to 17 pooled voxels,
+            about 1.7 mm at 50 um).
         spacing_pool: the marrow granulometry is taken on the soft masks average-pooled by this
             factor (radius ``ceil(spacing_radius / spacing_pool)`` there): 8x cheaper in 3D for
             spaces of 10-20 voxels, which survive the pooling.
