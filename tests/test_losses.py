@@ -4,6 +4,7 @@ prediction's hard morphometry towards the target's."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.measure import euler_number
 
@@ -397,3 +398,23 @@ def test_warmup_rejects_a_pretrain_outside_the_run():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="pretrain"):
             MorphometryWarmup(MorphometryLoss(), iterations=2, pretrain=bad)
+
+
+def test_pretraining_computes_the_pixel_loss_alone():
+    """While the ramp is 0 (`MorphometryWarmup` pre-training) the loss, its gradient and its
+    logged terms are the pixel loss's; at a small ramp the terms are back."""
+    y = _random_soft((1, 1, 12, 12, 12), 7).float()
+    x = y.flip(-2).clone().requires_grad_(True)
+    loss = MorphometryLoss(weights={"pixel": 2.0})
+    loss.ramp = 0.0
+    value = loss(x, y)
+    (grad,) = torch.autograd.grad(value, x)
+    ref = 2.0 * F.l1_loss(x, y)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    assert set(loss.terms) == {"pixel"}
+    assert float(value.detach()) == pytest.approx(float(ref.detach()))
+    assert torch.equal(grad, ref_grad)
+    loss.ramp = 1e-3
+    (small,) = torch.autograd.grad(loss(x, y), x)
+    assert set(loss.terms) == {"pixel", "bvtv", "thickness", "spacing", "euler", "fabric"}
+    assert not torch.equal(small, ref_grad)

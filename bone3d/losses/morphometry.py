@@ -299,6 +299,12 @@ class MorphometryLoss(nn.Module):
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
         w = self.weights
         terms = {"pixel": _PIXEL[self.pixel](pred, target)}
+        if self.ramp == 0.0:
+            # pixel pre-training (`MorphometryWarmup`): the terms would enter times 0, so they
+            # are not computed (on CPU they cost several times a small 3D U-Net's step on a
+            # 32^3 patch); loss and gradient are the same
+            self.terms = {"pixel": float(terms["pixel"].detach())}
+            return w["pixel"] * terms["pixel"]
         # channels are separate images
         x = pred.reshape(-1, 1, *pred.shape[2:])
         y = target.reshape(-1, 1, *target.shape[2:])
@@ -333,8 +339,11 @@ class MorphometryLoss(nn.Module):
                 1000.0 * (soft_euler(hp) - soft_euler((h > 0.5).to(h.dtype))).abs().mean() / n_vox
             )
         if w["fabric"]:
-            per_image = (fabric_profile(p) - fabric_profile(h)).abs().mean(-1)
-            has_fabric = (intercept_density(h).mean(-1) > 1e-3).to(p.dtype)
+            pl_h = intercept_density(h)
+            pl_h_mean = pl_h.mean(-1, keepdim=True)
+            profile_h = pl_h / pl_h_mean.clamp_min(1e-6)  # fabric_profile(h), computed once
+            per_image = (fabric_profile(p) - profile_h).abs().mean(-1)
+            has_fabric = (pl_h_mean.squeeze(-1) > 1e-3).to(p.dtype)
             terms["fabric"] = (per_image * has_fabric).sum() / has_fabric.sum().clamp_min(1.0)
         if self.regressor is not None and w["regressor"]:
             terms["regressor"] = self.regressor(pred, target)
