@@ -310,7 +310,7 @@ def _infer_exported(bundle: Path, args) -> int:
             bundle_root=str(bundle),
             input_image=str(Path(args.input).resolve()),
             output_dir=tmp,
-            **({"self_ensemble": True} if args.self_ensemble else {}),
+            **({} if args.self_ensemble is None else {"self_ensemble": args.self_ensemble}),
         )
         (made,) = Path(tmp).iterdir()
         if not "".join(made.suffixes).endswith("".join(out.suffixes) or ".nii.gz"):
@@ -340,8 +340,8 @@ def cmd_infer(args) -> int:
         "input_image": str(args.input),
         "output_image": str(args.output),
     }
-    if args.self_ensemble:
-        overrides["self_ensemble"] = True
+    if args.self_ensemble is not None:
+        overrides["self_ensemble"] = args.self_ensemble
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
             raise InputError(args.checkpoint, "checkpoint not found")
@@ -503,7 +503,7 @@ def cmd_export(args) -> int:
         args.output,
         variant=args.variant,
         checkpoint=args.checkpoint,
-        self_ensemble=True if args.self_ensemble else None,
+        self_ensemble=args.self_ensemble,
     )
     print(
         f"wrote {out}: runs with MONAI alone (python -m monai.bundle run, see its docs/README.md)"
@@ -792,9 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights (default: BUNDLE/models/model.pt)")
     p.add_argument(
         "--self-ensemble",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="average the predictions over the mirrored inputs (EDSR+ self-ensemble: 4 passes "
-        "for 2D/2.5D, 8 for 3D; bone3d.inference.ensemble)",
+        "for 2D/2.5D, 8 for 3D; bone3d.inference.ensemble); --no-self-ensemble: single "
+        "passes; default: the bundle's self_ensemble setting (an exported bundle's own)",
     )
     p.set_defaults(func=cmd_infer)
 
@@ -805,9 +807,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights (default: the variant's models/model.pt)")
     p.add_argument(
         "--self-ensemble",
-        action="store_true",
-        help="the exported bundle averages over mirrored inputs by default "
-        "(switch with --self_ensemble false|true at run time)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the exported bundle averages over mirrored inputs by default (default: "
+        "the bundle's self_ensemble setting; switch with --self_ensemble false|true at run time)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -133,10 +133,15 @@ def test_exported_bundle_runs_without_bone3d(
         assert res.returncode == 0, res.stderr[-2000:]
         return read_volume(out)
 
-    ref = infer(tmp_path / "sr.nii.gz", *(["--self-ensemble"] if ensemble else []))
-    if ensemble:  # the untrained network is not mirror-equivariant: the ensemble changes it
-        plain = infer(tmp_path / "plain.nii.gz").data.numpy()
-        assert np.abs(plain - ref.data.numpy()).max() > 1e-3 * np.ptp(plain)
+    ref = infer(tmp_path / "sr.nii.gz", "--self-ensemble" if ensemble else "--no-self-ensemble")
+    # the other setting, for switching the exported default below
+    other = infer(
+        tmp_path / "other.nii.gz", "--no-self-ensemble" if ensemble else "--self-ensemble"
+    )
+    # the untrained network is not mirror-equivariant: the ensemble changes its output, by more
+    # than the tolerance of the comparisons below
+    plain = other.data.numpy() if ensemble else ref.data.numpy()
+    assert np.abs(other.data.numpy() - ref.data.numpy()).mean() > 0.02 * np.ptp(plain)
     assert exported.spatial_shape == ref.spatial_shape
     np.testing.assert_allclose(exported.affine, ref.affine, atol=1e-3)  # < 2 % of a voxel
     a, e = ref.data.numpy().ravel(), exported.data.numpy().ravel()
@@ -151,6 +156,17 @@ def test_exported_bundle_runs_without_bone3d(
     assert res.returncode == 0, res.stderr[-2000:]
     np.testing.assert_array_equal(read_volume(again).data.numpy(), exported.data.numpy())
     assert not list(tmp_path.glob(".bone3d-infer-*"))  # its temporary folder is gone
+    # ... and switches the exported default (--self-ensemble / --no-self-ensemble)
+    switched = tmp_path / "switched.nii.gz"
+    flag = "--no-self-ensemble" if ensemble else "--self-ensemble"
+    res = subprocess.run(
+        [sys.executable, "-m", "bone3d.cli", "infer", str(b), str(lr_path), "-o", str(switched), flag],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, e = other.data.numpy().ravel(), read_volume(switched).data.numpy().ravel()
+    assert np.corrcoef(a, e)[0, 1] > 0.999
+    assert np.abs(a - e).mean() < 0.01 * (a.max() - a.min())
 
 
 def test_export_refuses_an_untrained_bundle(tmp_path):
