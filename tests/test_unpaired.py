@@ -225,9 +225,41 @@ def test_funit_step_trains_g_and_d_and_stores_the_micro_ct_code():
     for key in ("loss", "loss_g_gan", "loss_rec", "loss_g_fm", "loss_d", "loss_r1"):
         assert torch.isfinite(torch.tensor(out[key])) and out[key] != 0.0, key
     assert int(g.n_codes) == 2 and float(g.class_code.abs().sum()) > 0
+    # the moving average followed the two G steps but is not the trained generator
+    assert int(g.n_averaged) == 2
+    pairs = list(zip(g.generator_test.parameters(), g.generator.parameters(), strict=True))
+    assert all(not a.requires_grad for a, _ in pairs)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    moved = zip(g0, g.generator_test.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in moved)
+    x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
-        pred = g.eval()(torch.rand(1, 1, 32, 32))
+        pred = g.eval()(x)
+        code = g.class_code.expand(1, -1)
+        by_test = g.generator_test.decode(g.generator_test.enc_content(x), code)
+        by_trained = g.generator.decode(g.generator.enc_content(x), code)
     assert pred.shape == (1, 1, 32, 32)
+    torch.testing.assert_close(pred, by_test)  # translates with the average
+    assert not torch.allclose(pred, by_trained)
+
+
+def test_funit_test_generator_is_a_ramped_moving_average():
+    """First update: a copy; update n + 1: decay min(ema_decay, (1 + n) / (10 + n))."""
+    g = build("funit", 2, "tiny", ema_decay=0.5)
+    p_test, p_trained = next(g.generator_test.parameters()), next(g.generator.parameters())
+    expected = None
+    for n, value in enumerate([1.0, 3.0, 7.0, 7.0]):
+        with torch.no_grad():
+            p_trained.fill_(value)
+        g.update_test()
+        decay = min(0.5, (1 + n) / (10 + n)) if n else 0.0  # 0, 2/11, 3/12, 0.5
+        expected = value if expected is None else decay * expected + (1 - decay) * value
+        torch.testing.assert_close(p_test, torch.full_like(p_test, expected))
+    assert int(g.n_averaged) == 4
+    from bone3d.errors import InputError
+
+    with pytest.raises(InputError, match="ema_decay"):
+        build("funit", 2, "tiny", ema_decay=1.0)
 
 
 def test_funit_class_code_is_the_mean_then_an_exponential_average():

@@ -366,7 +366,9 @@ class FUNITStep:
       features averaged over space (feature matching).
 
     Weights (reference ``funit_animals.yaml``): ``gan`` 1, ``r`` 0.1, ``fm`` 1, ``r1`` 10. After
-    each G step the micro-CT class codes of the batch update the translator's stored code.
+    each G step the translator's moving-average generator is updated (``update_test``, the
+    reference's ``gen_test``), and its class codes of the batch's micro-CT images update the
+    translator's stored code.
     """
 
     def __init__(
@@ -437,7 +439,9 @@ class FUNITStep:
         self.sync.average(g)
         engine.optimizer.step()
         self.d.requires_grad_(True)
-        translator.update_class_code(s_xb[lb == 1])  # micro-CT class codes
+        translator.update_test()  # the moving average that translates at test time
+        with torch.no_grad():  # micro-CT class codes, by the averaged class encoder
+            translator.update_class_code(translator.generator_test.class_code(xb[lb == 1]))
 
         engine.state.output = {
             "image": a,

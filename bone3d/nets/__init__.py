@@ -204,4 +204,6 @@ def build(name: str, *args, **kwargs) -> nn.Module:
 
 
 def n_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Trainable parameters (a frozen moving-average copy, FUNIT's ``generator_test``, is not
+    counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -11,6 +11,8 @@ parameters as a tensor instead of module attributes, so the generator is TorchSc
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,28 +153,59 @@ class FUNITTranslator(nn.Module):
     class whose code is in the buffer ``class_code`` (input key ``image`` alone, for bundles,
     inference and export).
 
+    ``generator`` is the one trained; ``generator_test`` (a copy, no gradients) is its
+    exponential moving average, which ``forward`` runs: NVlabs/FUNIT
+    keeps ``gen_test``, updated after every generator step by ``update_average`` with beta 0.999,
+    and translates with it at test time. The reference trains for 100k+ iterations; our CPU runs
+    take hundreds, in which a fixed 0.999 would keep most of the random start, so `update_test`
+    ramps the decay as TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` does:
+    ``min(ema_decay, (1 + n) / (10 + n))`` after n updates (the reference's 0.999 from n = 8991).
+
     FUNIT's test time averages the class codes of K example images of the target class; here the
     examples are all target-domain (micro-CT) patches seen in training: `update_class_code` keeps
     their running mean (exact mean over the first ``1 / momentum`` batches, then an exponential
-    average that follows the training class encoder). Channels as in `StarGANTranslator`: ``G``
-    maps ``in_channels`` to ``in_channels``, ``out_channels`` keeps the centre ones.
+    average that follows the class encoder of ``generator_test``). Channels as in
+    `StarGANTranslator`: ``G`` maps ``in_channels`` to ``in_channels``, ``out_channels`` keeps the
+    centre ones.
     """
 
     def __init__(
         self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, nf: int = 64,
         nf_mlp: int = 256, n_downs_class: int = 4, n_downs_content: int = 3, n_mlp_blks: int = 3,
         n_res_blks: int = 2, latent_dim: int = 64, momentum: float = 0.01,
+        ema_decay: float = 0.999,
     ):  # fmt: skip
         super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.first = centre_offset(in_channels, out_channels)
         self.generator = FUNITGenerator(
             spatial_dims, in_channels, in_channels, nf, nf_mlp, n_downs_class, n_downs_content,
             n_mlp_blks, n_res_blks, latent_dim,
         )  # fmt: skip
+        self.ema_decay = float(ema_decay)
+        self.generator_test = copy.deepcopy(self.generator).requires_grad_(False)
+        self.register_buffer("n_averaged", torch.zeros((), dtype=torch.long))
         self.register_buffer("class_code", torch.zeros(1, latent_dim))
         self.register_buffer("n_codes", torch.zeros((), dtype=torch.long))
         self.momentum = float(momentum)
         self.out_channels = out_channels
+
+    @torch.jit.unused
+    def update_test(self) -> None:
+        """Fold the trained ``generator``'s weights into ``generator_test`` (after each G step;
+        the first call copies them; ramped decay, see the class docstring).
+
+        Written out rather than ``torch.optim.swa_utils.AveragedModel``, whose ``forward(*args)``
+        cannot be compiled by TorchScript (the translator is scripted, `test_nets`)."""
+        with torch.no_grad():
+            n = int(self.n_averaged)
+            decay = min(self.ema_decay, (1.0 + n) / (10.0 + n)) if n else 0.0
+            for avg, cur in zip(
+                self.generator_test.parameters(), self.generator.parameters(), strict=True
+            ):
+                avg.lerp_(cur, 1.0 - decay)
+            self.n_averaged.add_(1)
 
     @torch.jit.unused
     def update_class_code(self, codes: torch.Tensor) -> None:
@@ -185,7 +218,8 @@ class FUNITTranslator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         code = self.class_code.expand(x.shape[0], -1)
-        y = self.generator.decode(self.generator.enc_content(x), code)
+        g = self.generator_test
+        y = g.decode(g.enc_content(x), code)
         return y[:, self.first : self.first + self.out_channels]
 
 
