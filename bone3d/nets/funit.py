@@ -159,7 +159,7 @@ class FUNITTranslator(nn.Module):
     and translates with it at test time. The reference trains for 100k+ iterations; our CPU runs
     take hundreds, in which a fixed 0.999 would keep most of the random start, so `update_test`
     ramps the decay as TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` does:
-    ``min(ema_decay, (1 + n) / (10 + n))`` after n updates (the reference's 0.999 from n = 8991).
+    ``min(ema_decay, (1 + n) / (10 + n))`` after n updates (the reference's 0.999 from n = 8990 on).
 
     FUNIT's test time averages the class codes of K example images of the target class; here the
     examples are all target-domain (micro-CT) patches seen in training: `update_class_code` keeps
