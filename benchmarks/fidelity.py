@@ -376,6 +376,23 @@ def print_table(deg: str, s: dict[str, dict]) -> None:
         print(f"{m:28s}{r['psnr_db']:7.2f}{r['ssim']:7.3f}{cells}{r['fidelity_vs_lr']:8.2f}")
 
 
+def machine() -> str:
+    """Cores, CPU model and the SIMD level of PyTorch's CPU kernels: seeded trainings repeat to
+    the last digit on one machine, but kernels of another level round differently, which
+    training amplifies (README, Results)."""
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), None)
+    return (
+        f"{os.cpu_count()} CPU cores ({name or platform.processor() or 'CPU model unknown'}), "
+        f"torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()} kernels, no GPU"
+    )
+
+
 def export_best(info: dict, target: Path, ensemble: bool) -> Path:
     """``bone3d export`` of the best run (with the self-ensemble on when it was scored so),
     unpacked into ``target`` (replaced atomically)."""
@@ -553,7 +570,7 @@ def main() -> int:
             d: round(sum(i["train_s"] for i in r.values()), 1) for d, r in runs.items()
         },
         "config_per_degradation": configs,
-        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "machine": machine(),
         "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
         "data": {
             "hr_spacing_mm": HR_MM,
