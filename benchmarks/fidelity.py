@@ -378,8 +378,8 @@ def print_table(deg: str, s: dict[str, dict]) -> None:
 
 def machine() -> str:
     """Cores, CPU model and the SIMD level of PyTorch's CPU kernels: seeded trainings repeat to
-    the last digit on one machine, but kernels of another level round differently, which
-    training amplifies (README, Results)."""
+    the last digit on one machine, not across machines (kernels of another level can round
+    differently, and training amplifies that; README, Results)."""
     import platform
 
     import torch
