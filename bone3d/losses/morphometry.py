@@ -188,7 +188,11 @@ def intercept_density(p: torch.Tensor) -> torch.Tensor:
 def fabric_profile(p: torch.Tensor) -> torch.Tensor:
     """`intercept_density` divided by its mean over the directions; (N, C, K). It determines
     the MIL fabric tensor up to scale, hence DA and the fabric axes (module docstring)."""
-    pl = intercept_density(p)
+    return _profile(intercept_density(p))
+
+
+def _profile(pl: torch.Tensor) -> torch.Tensor:
+    """Intercept densities (N, C, K) divided by their mean over the K directions."""
     return pl / pl.mean(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
@@ -339,11 +343,9 @@ class MorphometryLoss(nn.Module):
                 1000.0 * (soft_euler(hp) - soft_euler((h > 0.5).to(h.dtype))).abs().mean() / n_vox
             )
         if w["fabric"]:
-            pl_h = intercept_density(h)
-            pl_h_mean = pl_h.mean(-1, keepdim=True)
-            profile_h = pl_h / pl_h_mean.clamp_min(1e-6)  # fabric_profile(h), computed once
-            per_image = (fabric_profile(p) - profile_h).abs().mean(-1)
-            has_fabric = (pl_h_mean.squeeze(-1) > 1e-3).to(p.dtype)
+            pl_h = intercept_density(h)  # once, for the profile and the has-fabric test
+            per_image = (fabric_profile(p) - _profile(pl_h)).abs().mean(-1)
+            has_fabric = (pl_h.mean(-1) > 1e-3).to(p.dtype)
             terms["fabric"] = (per_image * has_fabric).sum() / has_fabric.sum().clamp_min(1.0)
         if self.regressor is not None and w["regressor"]:
             terms["regressor"] = self.regressor(pred, target)
