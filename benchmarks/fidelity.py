@@ -29,12 +29,20 @@ its own ImageJ IsoData threshold inside the VOI (`bone3d.evaluation.report.voi_m
 BoneJ conventions): mean absolute relative error vs HR, Pearson R and ICC(2,1) across the test
 VOIs (`bone3d.evaluation.stats.agreement`). LR rows are listed for comparison.
 
-Writes one MLflow experiment ``bone3d-fidelity`` (training runs with their ``fid_*`` scores,
-baseline runs) into ``WORK/mlruns.db``, ``benchmarks/results/fidelity.json`` (every row, the
-split, timings, the acceptance checks) and the best model under ``hrpqct`` (lowest
-``fidelity_vs_lr``: the mean over BV/TV, Tb.Th, Tb.Sp, Conn.D and DA of the error divided by
-trilinear LR's, so that each parameter counts equally) as an exported bundle in
-``benchmarks/results/best_bundle/`` (`bone3d export`, weights included).
+The validation donor (never trained on; the trainings only report a validation PSNR at their
+last epoch) is scored the same way, and **chooses the best model**: the lowest
+``fidelity_vs_lr`` on validation, the mean over BV/TV, Tb.Th, Tb.Sp, Conn.D and DA of the error
+divided by trilinear LR's, so that each parameter counts equally. The acceptance checks then read
+that model's test scores, which took no part in the choice.
+
+Writes one MLflow experiment ``bone3d-fidelity`` (training runs with their ``fid_*`` test and
+``fid_val_*`` validation scores, baseline runs) into ``WORK/mlruns.db``,
+``benchmarks/results/fidelity.json`` (every row, the split, timings, the acceptance checks) and
+the best model under ``hrpqct`` as an exported bundle in ``benchmarks/results/best_bundle/``
+(`bone3d export`, weights included).
+
+``--train-seeds 0 1 2`` (a spread check): every model trains once per seed on the same data;
+each score is the mean over the seeds with its SD, written to ``fidelity_seeds.json``.
 
     .venv/bin/python benchmarks/fidelity.py                 # everything (2 h budget on 2 cores)
     .venv/bin/python benchmarks/fidelity.py --degradations hrpqct --variants 3d --models unet_sr
@@ -174,15 +182,17 @@ def _py(args: list[str], log: Path) -> None:
 
 
 def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path, db: Path,
-          epochs: dict) -> dict:  # fmt: skip
-    """One training through ``monai.bundle run``; skipped when ``run_dir`` holds a finished one."""
+          epochs: dict, seed: int = 0) -> dict:  # fmt: skip
+    """One training through ``monai.bundle run`` with the bundle's ``seed`` set to ``seed``
+    (weight initialisation, patch sampling; `monai.utils.set_determinism`); skipped when
+    ``run_dir`` holds a finished one."""
     from bone3d.engines import bundle_cli_args
 
     b = ROOT / "bundles" / bundle
     ckpt = run_dir / "models"
     done = run_dir / "done.json"
     if done.is_file():  # reused: its train_s is the original training's time
-        return {**json.loads(done.read_text()), "reused": True}
+        return {"train_seed": seed, **json.loads(done.read_text()), "reused": True}
     cfg = json.loads((b / "configs" / "train.json").read_text())
     scale = cfg.get("scale") or 1
     names = ["train", variant] + (["morphometry_loss"] if morpho else [])
@@ -199,12 +209,12 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
          "--output_dir", str(run_dir / "runs"), "--tracking_uri", f"sqlite:///{db}",
          "--experiment_name", EXPERIMENT, "--net_preset", "cpu3d", *shape,
          "--max_epochs", str(n_ep), "--val_interval", str(n_ep), "--samples_per_volume", "4",
-         "--queue_length", "32"],
+         "--queue_length", "32", "--seed", str(seed)],
         run_dir / "train.log",
     )  # fmt: skip
     info = {
         "bundle": bundle, "variant": variant, "morphometry_loss": morpho, "epochs": n_ep,
-        "train_s": round(time.perf_counter() - t0, 1), "checkpoint": str(ckpt / "model.pt"),
+        "train_seed": seed, "train_s": round(time.perf_counter() - t0, 1), "checkpoint": str(ckpt / "model.pt"),
         "run_name": json.loads((ckpt / "run.json").read_text())["run_name"],
     }  # fmt: skip
     done.write_text(json.dumps(info, indent=1))
@@ -271,7 +281,8 @@ def score_volume(
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
-    """Per method: mean PSNR/SSIM, and per parameter MARE, Pearson R, ICC(2,1) vs HR."""
+    """Per method (each training seed its own: ``name@seedN``): mean PSNR/SSIM, and per
+    parameter MARE, Pearson R, ICC(2,1) vs HR across the VOIs of ``rows``."""
     from bone3d.evaluation import stats
     from bone3d.evaluation.report import PARAMS
 
@@ -310,18 +321,65 @@ def _label(info: dict) -> str:
     return f"{info['bundle']}-{info['variant']}" + ("+morpho" if info["morphometry_loss"] else "")
 
 
-def acceptance(summary: dict[str, dict[str, dict]], trained: dict[str, list[str]]) -> dict:
-    """The issue's criteria, each with the numbers it was decided on."""
+def _run_key(info: dict) -> str:
+    """The method label of one training; seeds other than 0 add ``@seedN``."""
+    seed = info.get("train_seed", 0)
+    return _label(info) + (f"@seed{seed}" if seed else "")
+
+
+def pool_seeds(summary: dict[str, dict]) -> dict[str, dict]:
+    """The trainings of one model with different seeds (``name``, ``name@seedN``) pooled: each
+    score is the mean over the seeds and ``<score>_sd`` its sample standard deviation
+    (ddof 1), ``seeds`` lists them. Baselines and single trainings pass unchanged. Pearson R
+    and ICC are pooled the same way, as the mean of the per-seed coefficients."""
+    groups: dict[str, list[str]] = {}
+    for key in summary:
+        groups.setdefault(key.split("@seed")[0], []).append(key)
+    out = {}
+    for label, keys in groups.items():
+        if keys == [label]:
+            out[label] = summary[label]
+            continue
+        pooled: dict = {}
+        for name in summary[keys[0]]:
+            vals = [summary[k][name] for k in keys]
+            if any(v is None for v in vals):
+                pooled[name] = None
+                continue
+            pooled[name] = float(np.mean(vals))
+            if len(vals) > 1:
+                pooled[f"{name}_sd"] = float(np.std(vals, ddof=1))
+        pooled["seeds"] = [int(k.split("@seed")[1]) if "@seed" in k else 0 for k in keys]
+        out[label] = pooled
+    return out
+
+
+def acceptance(
+    summary: dict[str, dict[str, dict]],
+    trained: dict[str, list[str]],
+    validation: dict[str, dict[str, dict]] | None = None,
+) -> dict:
+    """The issue's criteria on the test scores ``summary``, each with the numbers it was
+    decided on. The best model is chosen by the lowest ``fidelity_vs_lr`` on the
+    ``validation`` scores (a donor outside training and test) where the degradation has them,
+    so that the test VOIs judge a choice they did not make; else on the test scores."""
     out = {}
     for deg, s in summary.items():
         lr = s["LR trilinear"]
         models = [m for m in trained.get(deg, []) if m in s]
         if not models:
             continue
-        best = min(models, key=lambda m: s[m]["fidelity_vs_lr"])
+        v = (validation or {}).get(deg) or {}
+        chooser = v if all(m in v for m in models) else s
+        best = min(models, key=lambda m: chooser[m]["fidelity_vs_lr"])
         factor = 0.5 if deg == "hrpqct" else 1.0
         out[deg] = {
             "best": best,
+            "best_chosen_on": "validation" if chooser is v else "test",
+            "best_fidelity_vs_lr": {
+                "validation": v[best]["fidelity_vs_lr"] if best in v else None,
+                "test": s[best]["fidelity_vs_lr"],
+            },
             "error_vs_lr": {
                 p: {
                     "best": s[best][f"{p}_mare"],
@@ -430,7 +488,14 @@ def main() -> int:
     ap.add_argument("--epochs-2p5d", type=int, default=30)
     ap.add_argument("--phantoms", type=int, default=2)
     ap.add_argument("--test", type=int, default=4, help="test donors (single-ROI BoneBox)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data: split and degradation noise")
+    ap.add_argument(
+        "--train-seeds", nargs="+", type=int, default=[0],
+        help="training seeds (the bundles' seed: weight initialisation, patch sampling); the "
+        "data stay those of --seed. Several: every model trains once per seed, its scores are "
+        "the mean over the seeds with their SD (<score>_sd), written to fidelity_seeds.json "
+        "(MLflow metrics fid_seeds_* on each seed's run), and nothing is exported",
+    )  # fmt: skip
     ap.add_argument("--work", default=str(RESULTS / "work"))
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     ap.add_argument("--no-export", action="store_true")
@@ -452,7 +517,11 @@ def main() -> int:
     )  # fmt: skip
     args = ap.parse_args()
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
-    suffix = ("_purified" if args.purify else "") + ("" if args.self_ensemble else "_single_pass")
+    suffix = (
+        ("_purified" if args.purify else "")
+        + ("" if args.self_ensemble else "_single_pass")
+        + ("_seeds" if len(args.train_seeds) > 1 else "")
+    )
     prefix = f"fid{suffix}_"
     if suffix:  # a sensitivity protocol: its own JSON, no export
         args.no_export = True
@@ -478,12 +547,15 @@ def main() -> int:
          f"{len(split['training'])} training volumes")  # fmt: skip
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     rows, summary, runs, trained, timing, configs = [], {}, {}, {}, {}, {}
+    val_summary, per_run = {}, {}
     prev = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).is_file() else {}
     for deg in prev.get("summary", {}):
         if deg in args.degradations:
             continue
         summary[deg], runs[deg] = prev["summary"][deg], prev["trainings"][deg]
-        trained[deg], timing[deg] = list(runs[deg]), prev["elapsed_per_degradation_s"][deg]
+        val_summary[deg] = prev.get("validation_summary", {}).get(deg, {})
+        trained[deg] = list(dict.fromkeys(_label(i) for i in runs[deg].values()))
+        timing[deg] = prev["elapsed_per_degradation_s"][deg]
         configs[deg] = prev.get("config_per_degradation", {}).get(deg, prev["config"])
         rows += [r for r in prev["rows"] if r["degradation"] == deg]
     for deg in args.degradations:
@@ -491,17 +563,20 @@ def main() -> int:
         datalist = build_dataset(volumes, split, deg, work / deg / "data", args.seed)
         from bone3d.data.datalist import datalist_items
 
-        tests = datalist_items(datalist, "test")
+        scored = [("test", i) for i in datalist_items(datalist, "test")]
+        scored += [("validation", i) for i in datalist_items(datalist, "validation")]
         infos = []
-        for bundle in args.models:
-            for variant in args.variants:
-                for loss in args.loss:
-                    info = train(bundle, variant, loss == "morpho", datalist,
-                                 work / deg / "runs" / f"{bundle}-{variant}-{loss}", db, epochs)  # fmt: skip
-                    _log(f"{deg} {_label(info)}: trained in {info['train_s']:.0f} s")
-                    infos.append(info)
+        for seed in args.train_seeds:
+            for bundle in args.models:
+                for variant in args.variants:
+                    for loss in args.loss:
+                        name = f"{bundle}-{variant}-{loss}" + (f"-seed{seed}" if seed else "")
+                        info = train(bundle, variant, loss == "morpho", datalist,
+                                     work / deg / "runs" / name, db, epochs, seed)  # fmt: skip
+                        _log(f"{deg} {_run_key(info)}: trained in {info['train_s']:.0f} s")
+                        infos.append(info)
         deg_rows = []
-        for item in tests:
+        for part, item in scored:
             lr, hr = read_volume(item["image"]), read_volume(item["target"])
             vols = {
                 "LR trilinear": _on_hr(lr, hr, "linear"),
@@ -513,22 +588,30 @@ def main() -> int:
                 a, b = np.polyfit(vols[k].ravel().astype(np.float64), h.ravel(), 1)
                 vols[k] = (a * vols[k] + b).astype(np.float32)
             for info in infos:
-                out = sr_folder(work, deg, args.self_ensemble) / _label(info)
+                out = sr_folder(work, deg, args.self_ensemble) / _run_key(info)
                 out = out / f"{item['specimen']}.nii.gz"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 infer(info["bundle"], info["variant"], info["checkpoint"], item["image"], out,
                       out.parent / "infer.log", args.self_ensemble)  # fmt: skip
-                vols[_label(info)] = read_volume(out).data[0].numpy().astype(np.float32)
+                vols[_run_key(info)] = read_volume(out).data[0].numpy().astype(np.float32)
             for r in score_volume(vols, h.astype(np.float32), purify=args.purify):
-                deg_rows.append({"degradation": deg, "specimen": item["specimen"], **r})
-            _log(f"{deg} {item['specimen']}: scored {len(vols)} methods")
-        summary[deg] = summarise(deg_rows)
-        trained[deg] = [_label(i) for i in infos]
-        runs[deg] = {_label(i): i for i in infos}
+                deg_rows.append(
+                    {"degradation": deg, "split": part, "specimen": item["specimen"], **r}
+                )  # fmt: skip
+            _log(f"{deg} {part} {item['specimen']}: scored {len(vols)} methods")
+        per_run[deg] = {
+            part: summarise([r for r in deg_rows if r["split"] == part])
+            for part in ("test", "validation")
+        }  # fmt: skip
+        summary[deg] = pool_seeds(per_run[deg]["test"])
+        val_summary[deg] = pool_seeds(per_run[deg]["validation"])
+        trained[deg] = list(dict.fromkeys(_label(i) for i in infos))
+        runs[deg] = {_run_key(i): i for i in infos}
         rows += deg_rows
         timing[deg] = round(time.perf_counter() - t_deg, 1)
         configs[deg] = {"models": args.models, "variants": args.variants, "loss": args.loss,
                         "epochs": epochs, "phantoms": args.phantoms, "seed": args.seed,
+                        "train_seeds": args.train_seeds,
                         "self_ensemble": args.self_ensemble}  # fmt: skip
         print_table(deg, summary[deg])
         # MLflow: scores on the training runs, baselines as runs of their own
@@ -536,7 +619,8 @@ def main() -> int:
         exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
         csv_name = f"voi_scores{suffix}.csv"
         csv = write_csv(deg_rows, work / deg / csv_name, list(deg_rows[0]))
-        for m, s in summary[deg].items():
+        for m, s in per_run[deg]["test"].items():
+            val = per_run[deg]["validation"].get(m, {})
             if m in runs[deg]:
                 found = client.search_runs(
                     [exp_id], f"attributes.run_name = '{runs[deg][m]['run_name']}'"
@@ -558,6 +642,9 @@ def main() -> int:
             for k, v in s.items():
                 if v is not None:
                     client.log_metric(run_id, f"{prefix}{k}", float(v))
+            for k, v in val.items():
+                if v is not None:
+                    client.log_metric(run_id, f"{prefix}val_{k}", float(v))
             client.log_artifact(run_id, str(csv), artifact_path="fidelity")
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -588,7 +675,13 @@ def main() -> int:
         },  # fmt: skip
         "trainings": runs,
         "summary": summary,
-        "acceptance": acceptance(summary, trained),
+        "validation_summary": val_summary,
+        **(
+            {"summary_per_seed": {d: r["test"] for d, r in per_run.items()}}
+            if len(args.train_seeds) > 1
+            else {}
+        ),  # fmt: skip
+        "acceptance": acceptance(summary, trained, val_summary),
         "rows": rows,
         "mlflow": {"tracking_uri": f"sqlite:///{db}", "experiment": EXPERIMENT},
     }
@@ -596,13 +689,14 @@ def main() -> int:
     if "hrpqct" not in args.degradations and prev.get("best_bundle"):
         result["best_bundle"] = prev["best_bundle"]  # hrpqct kept from the earlier run
     elif best and not args.no_export:
-        target = export_best(runs["hrpqct"][best], RESULTS / "best_bundle", args.self_ensemble)
+        info = next(i for i in runs["hrpqct"].values() if _label(i) == best)  # the first seed's
+        target = export_best(info, RESULTS / "best_bundle", args.self_ensemble)
         result["best_bundle"] = {"model": best, "path": str(target.relative_to(ROOT))}
         _log(f"best model {best} exported to {target}")
     write_json(result, args.out)
     print(f"\nwrote {args.out}; {result['elapsed_s'] / 60:.1f} min in all")
     for deg, acc in result["acceptance"].items():
-        print(f"{deg}: best {acc['best']}; " + ", ".join(
+        print(f"{deg}: best {acc['best']} (chosen on {acc['best_chosen_on']}); " + ", ".join(
             f"{p} {'ok' if v['ok'] else 'NOT met'}" for p, v in acc["error_vs_lr"].items()
         ) + f" ({acc['error_rule']}); R>=0.95: " + ", ".join(
             f"{p} {'ok' if v['ok'] else 'NOT met'}" for p, v in acc["pearson_r_ge_0.95"].items()

@@ -70,3 +70,66 @@ def test_purify_protocol_removes_a_marrow_speck_from_every_parameter():
     for p in ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da"):
         assert abs(pur_sr[p] - pur_hr[p]) <= abs(raw_sr[p] - raw_hr[p])
     assert pur_sr["conn_d_per_mm3"] == pytest.approx(pur_hr["conn_d_per_mm3"])
+
+
+def _rows(rng, noise: dict[str, float], n: int = 12) -> list[dict]:
+    """Sub-VOI rows as `score_volume` writes them: HR, and each method's parameters off HR's by
+    a relative error of SD ``noise[method]`` (PSNR falls as the noise grows)."""
+    from bone3d.evaluation.report import PARAMS
+
+    hr = {p: rng.uniform(0.5, 2.0, n) for p in PARAMS}
+    rows = [
+        {"method": "HR", "specimen": "s", "voi": f"v{i}", **{p: hr[p][i] for p in PARAMS}}
+        for i in range(n)
+    ]
+    for m, sd in noise.items():
+        rows += [
+            {"method": m, "specimen": "s", "voi": f"v{i}", "psnr_db": 30 - 10 * sd,
+             "ssim": 0.9, **{p: hr[p][i] * (1 + sd * rng.standard_normal()) for p in PARAMS}}
+            for i in range(n)
+        ]  # fmt: skip
+    return rows
+
+
+def test_training_seeds_pool_into_mean_and_sd_per_model():
+    fid = _fidelity()
+    rng = np.random.default_rng(0)
+    noise = {"LR trilinear": 0.3, "net": 0.1, "net@seed1": 0.05, "net@seed2": 0.15}
+    per = fid.summarise(_rows(rng, noise))
+    assert list(per) == list(noise)  # each seed scored on its own
+    pooled = fid.pool_seeds(per)
+    assert list(pooled) == ["LR trilinear", "net"]
+    assert pooled["LR trilinear"] == per["LR trilinear"]
+    assert pooled["net"]["seeds"] == [0, 1, 2]
+    for k in ("psnr_db", "bv_tv_mare", "tb_sp_mm_r", "conn_d_per_mm3_icc", "fidelity_vs_lr"):
+        vals = [per[m][k] for m in ("net", "net@seed1", "net@seed2")]
+        assert pooled["net"][k] == pytest.approx(np.mean(vals))
+        assert pooled["net"][f"{k}_sd"] == pytest.approx(np.std(vals, ddof=1))
+    assert pooled["net"]["fidelity_vs_lr_sd"] > 0.1 * pooled["net"]["fidelity_vs_lr"]
+    # a model trained once, with a seed other than 0, keeps its scores under its plain name
+    alone = fid.pool_seeds({"net@seed3": per["net@seed1"]})
+    assert alone["net"]["bv_tv_mare"] == per["net@seed1"]["bv_tv_mare"]
+    assert alone["net"]["seeds"] == [3] and "bv_tv_mare_sd" not in alone["net"]
+
+
+def test_best_model_is_chosen_on_validation_and_judged_on_test():
+    fid = _fidelity()
+    rng = np.random.default_rng(1)
+    test = fid.summarise(_rows(rng, {"LR trilinear": 0.3, "a": 0.05, "b": 0.2}))
+    val = fid.summarise(_rows(rng, {"LR trilinear": 0.3, "a": 0.2, "b": 0.05}))
+    assert test["a"]["fidelity_vs_lr"] < test["b"]["fidelity_vs_lr"]
+    assert val["b"]["fidelity_vs_lr"] < val["a"]["fidelity_vs_lr"]
+    acc = fid.acceptance({"hrpqct": test}, {"hrpqct": ["a", "b"]}, {"hrpqct": val})["hrpqct"]
+    assert acc["best"] == "b" and acc["best_chosen_on"] == "validation"
+    assert acc["best_fidelity_vs_lr"] == {
+        "validation": val["b"]["fidelity_vs_lr"],
+        "test": test["b"]["fidelity_vs_lr"],
+    }
+    # the criteria read the chosen model's test scores
+    assert acc["error_vs_lr"]["bv_tv"]["best"] == test["b"]["bv_tv_mare"]
+    assert acc["psnr_gain_db"]["gain"] == pytest.approx(
+        test["b"]["psnr_db"] - test["LR trilinear"]["psnr_db"]
+    )
+    # without validation scores the choice falls back to the test scores, and says so
+    acc = fid.acceptance({"hrpqct": test}, {"hrpqct": ["a", "b"]})["hrpqct"]
+    assert acc["best"] == "a" and acc["best_chosen_on"] == "test"
