@@ -82,6 +82,7 @@ HR_RANGE = (-200.0, 1200.0)  # the phantoms' window, mg HA/cm^3
 SCORE_MULTIPLE = 8  # scored region: HR shape floored to a multiple of this (see scored_shape)
 FIDELITY = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")  # the acceptance parameters
 EXPERIMENT = "bone3d-fidelity"
+MIN_BONE = 0.01  # a sub-VOI is scored where HR holds at least this bone fraction (bone_vois)
 PURIFIED_OUT = RESULTS / "fidelity_purified.json"
 
 
@@ -253,14 +254,32 @@ def scored_shape(hr_shape) -> tuple[int, ...]:
     return tuple((n // SCORE_MULTIPLE) * SCORE_MULTIPLE for n in hr_shape)
 
 
+def bone_vois(hr: np.ndarray) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The 2 x 2 x 2 sub-VOIs of ``hr`` (already cut to the scored region) that hold bone, and
+    the names of those that do not. A sub-VOI holds bone when at least ``MIN_BONE`` of its HR
+    voxels are denser than halfway between marrow and tissue (a fixed threshold in mg HA/cm^3,
+    as Scanco's; the HR noise, SD 60, never reaches it). A sub-VOI without bone (BoneBox ROIs 65
+    and 13 reach past the trabecular bone into empty space) has no morphometry: its IsoData
+    threshold splits noise, giving HR and every method BV/TV near 0.5, Tb.Th one voxel and DA
+    near 0, numbers of nothing, so it is left out for every method alike."""
+    from bone3d.data.phantom import PhantomSpec
+    from bone3d.evaluation.report import sub_vois
+
+    spec = PhantomSpec()
+    dense = hr > 0.5 * (spec.marrow_mgha + spec.tissue_mgha)
+    blocks = sub_vois(np.ones(hr.shape, bool), 2)
+    empty = [n for n, voi in blocks.items() if dense[voi].mean() < MIN_BONE]
+    return {n: v for n, v in blocks.items() if n not in empty}, empty
+
+
 def score_volume(
     vols: dict[str, np.ndarray], hr: np.ndarray, *, purify: bool = False
 ) -> list[dict]:
-    """PSNR/SSIM per method and morphometry per sub-VOI for methods and HR, all on the
-    region ``scored_shape(hr.shape)``; ``purify``: each sub-VOI's bone purified first (BoneJ
-    Purify, HR and every method alike)."""
+    """PSNR/SSIM per method and morphometry per sub-VOI (those with bone in HR: `bone_vois`)
+    for methods and HR, all on the region ``scored_shape(hr.shape)``; ``purify``: each
+    sub-VOI's bone purified first (BoneJ Purify, HR and every method alike)."""
     from bone3d.evaluation.image import psnr, ssim
-    from bone3d.evaluation.report import sub_vois, voi_morphometry
+    from bone3d.evaluation.report import voi_morphometry
 
     shape = scored_shape(hr.shape)
     for name, v in vols.items():
@@ -270,7 +289,9 @@ def score_volume(
     hr = hr[cut]
     rng = HR_RANGE[1] - HR_RANGE[0]
     rows = []
-    blocks = sub_vois(np.ones(shape, bool), 2)
+    blocks, empty = bone_vois(hr)
+    if not blocks:
+        raise ValueError(f"no sub-VOI of HR holds bone ({', '.join(empty)}): nothing to score")
     for name, v in {**vols, "HR": hr}.items():
         v = v[cut]
         img = {} if name == "HR" else {"psnr_db": psnr(v, hr, rng), "ssim": ssim(v, hr, rng)}
@@ -547,7 +568,7 @@ def main() -> int:
          f"{len(split['training'])} training volumes")  # fmt: skip
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     rows, summary, runs, trained, timing, configs = [], {}, {}, {}, {}, {}
-    val_summary, per_run = {}, {}
+    val_summary, per_run, excluded = {}, {}, {}
     prev = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).is_file() else {}
     for deg in prev.get("summary", {}):
         if deg in args.degradations:
@@ -598,7 +619,11 @@ def main() -> int:
                 deg_rows.append(
                     {"degradation": deg, "split": part, "specimen": item["specimen"], **r}
                 )  # fmt: skip
-            _log(f"{deg} {part} {item['specimen']}: scored {len(vols)} methods")
+            empty = bone_vois(h[tuple(slice(0, n) for n in scored_shape(h.shape))])[1]
+            if empty:
+                excluded[item["specimen"]] = empty
+            _log(f"{deg} {part} {item['specimen']}: scored {len(vols)} methods"
+                 + (f"; sub-VOIs without bone, not scored: {', '.join(empty)}" if empty else ""))  # fmt: skip
         per_run[deg] = {
             part: summarise([r for r in deg_rows if r["split"] == part])
             for part in ("test", "validation")
@@ -666,6 +691,11 @@ def main() -> int:
             "volumes": [{k: v[k] for k in ("id", "donor", "source")} for v in volumes],
             "split": split,
             "sub_vois_per_volume": 8,
+            "sub_vois_without_bone": {
+                "rule": f"left out when under {MIN_BONE:.0%} of the HR voxels exceed the "
+                "marrow-tissue midpoint (500 mg HA/cm^3)",
+                "left_out": excluded,
+            },
             "scored_region": f"first (n // {SCORE_MULTIPLE}) * {SCORE_MULTIPLE} HR voxels per axis, "
             "the same for every method",
             "segmentation": "ImageJ IsoData per volume, inside each sub-VOI"

@@ -133,3 +133,32 @@ def test_best_model_is_chosen_on_validation_and_judged_on_test():
     # without validation scores the choice falls back to the test scores, and says so
     acc = fid.acceptance({"hrpqct": test}, {"hrpqct": ["a", "b"]})["hrpqct"]
     assert acc["best"] == "a" and acc["best_chosen_on"] == "test"
+
+
+def test_sub_vois_without_bone_in_hr_are_left_out_for_every_method():
+    """Half of HR is empty marrow with noise (as BoneBox ROI 65 past the trabecular bone): its
+    IsoData threshold would split noise into 'bone' (BV/TV near 0.5), so those sub-VOIs are not
+    scored, for HR and every method alike; the sub-VOIs with bone score as before."""
+    fid = _fidelity()
+    hr = make_phantom(shape=(48, 48, 48), spacing_mm=0.05, bv_tv=0.15, seed=6).image
+    hr = hr.data[0].numpy().astype(np.float32)
+    half = hr.copy()
+    half[24:] = np.random.default_rng(0).normal(0, 60, half[24:].shape)  # marrow, HR noise
+    kept, empty = fid.bone_vois(half)
+    assert sorted(empty) == ["block_100", "block_101", "block_110", "block_111"]
+    assert sorted(kept) == ["block_000", "block_001", "block_010", "block_011"]
+    # what the left-out blocks would have scored: noise segmented as bone
+    from bone3d.evaluation.report import voi_morphometry
+
+    noise = voi_morphometry(half, (0.05,) * 3, fid.bone_vois(hr)[0]["block_111"], "isodata")
+    assert noise["bv_tv"] > 0.3 and noise["da"] < 0.2
+    lr = half + np.random.default_rng(1).normal(0, 100, half.shape).astype(np.float32)
+    rows = fid.score_volume({"LR": lr}, half)
+    assert {r["voi"] for r in rows} == set(kept)
+    assert {r["method"] for r in rows} == {"LR", "HR"}
+    full = {(r["method"], r["voi"]): r for r in fid.score_volume({"LR": lr}, hr)}
+    for r in rows:  # the blocks with bone: identical data, identical morphometry
+        if r["method"] == "HR":
+            assert r["bv_tv"] == full[("HR", r["voi"])]["bv_tv"]
+    with pytest.raises(ValueError, match="no sub-VOI of HR holds bone"):
+        fid.score_volume({"LR": lr}, np.zeros_like(hr))
