@@ -157,7 +157,14 @@ def build_dataset(volumes, split, preset: str, out: Path, seed: int) -> Path:
     from bone3d.data.simulate import degrade, get_preset
 
     path = out / "datalist.json"
-    if path.is_file():
+    if path.is_file():  # reused with the trainings beside it: only for the same split
+        old = json.loads(path.read_text())
+        have = {k: sorted(i["specimen"] for i in old.get(k, [])) for k in split}
+        if have != {k: sorted(v) for k, v in split.items()}:
+            raise SystemExit(
+                f"{path} holds another split (test {have.get('test')}, validation "
+                f"{have.get('validation')}); its trainings do not fit this one: use a new --work"
+            )  # fmt: skip
         return path
     p = get_preset(preset)
     items = []
@@ -509,6 +516,10 @@ def main() -> int:
     ap.add_argument("--epochs-2p5d", type=int, default=30)
     ap.add_argument("--phantoms", type=int, default=2)
     ap.add_argument("--test", type=int, default=4, help="test donors (single-ROI BoneBox)")
+    ap.add_argument(
+        "--validation", type=int, default=2,
+        help="validation donors (single-ROI BoneBox), which choose the best model",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="data: split and degradation noise")
     ap.add_argument(
         "--train-seeds", nargs="+", type=int, default=[0],
@@ -563,7 +574,7 @@ def main() -> int:
     epochs = {"3d": args.epochs_3d, "2p5d": args.epochs_2p5d}
     _log("HR volumes")
     volumes = hr_volumes(args.phantoms, args.seed)
-    split = donor_split(volumes, args.test, 1, args.seed)
+    split = donor_split(volumes, args.test, args.validation, args.seed)
     _log(f"split: test {split['test']}, validation {split['validation']}, "
          f"{len(split['training'])} training volumes")  # fmt: skip
     client = mlflow.MlflowClient(f"sqlite:///{db}")
