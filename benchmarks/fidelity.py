@@ -152,18 +152,18 @@ def donor_split(volumes: list[dict], n_test: int, n_val: int, seed: int) -> dict
 
 
 def build_dataset(volumes, split, preset: str, out: Path, seed: int) -> Path:
-    from bone3d.data.datalist import write_datalist
+    from bone3d.data.datalist import split_hash, write_datalist
     from bone3d.data.prepare import write_specimen
     from bone3d.data.simulate import degrade, get_preset
 
     path = out / "datalist.json"
     if path.is_file():  # reused with the trainings beside it: only for the same split
         old = json.loads(path.read_text())
-        have = {k: sorted(i["specimen"] for i in old.get(k, [])) for k in split}
-        if have != {k: sorted(v) for k, v in split.items()}:
+        if old.get("split_hash") != split_hash(split):
             raise SystemExit(
-                f"{path} holds another split (test {have.get('test')}, validation "
-                f"{have.get('validation')}); its trainings do not fit this one: use a new --work"
+                f"{path} holds another split (test {[i['specimen'] for i in old['test']]}, "
+                f"validation {[i['specimen'] for i in old['validation']]}); its trainings do "
+                "not fit this one: use a new --work"
             )  # fmt: skip
         return path
     p = get_preset(preset)

@@ -162,3 +162,21 @@ def test_sub_vois_without_bone_in_hr_are_left_out_for_every_method():
             assert r["bv_tv"] == full[("HR", r["voi"])]["bv_tv"]
     with pytest.raises(ValueError, match="no sub-VOI of HR holds bone"):
         fid.score_volume({"LR": lr}, np.zeros_like(hr))
+
+
+def test_a_work_folder_built_for_another_split_is_refused(tmp_path):
+    """Trainings in the work folder are reused: a datalist of another split must not be."""
+    from bone3d.data.datalist import write_datalist
+
+    fid = _fidelity()
+    ids = ["a", "b", "c", "d"]
+    old = {"training": ["a", "b"], "validation": ["c"], "test": ["d"]}
+    out = tmp_path / "hrpqct" / "data"
+    items = [{"specimen": i, "image": str(tmp_path / f"{i}.nii.gz")} for i in ids]
+    path = write_datalist(out / "datalist.json", items, old, preset="hrpqct")
+    before = path.read_text()
+    assert fid.build_dataset([], old, "hrpqct", out, 0) == path  # same split: reused as is
+    new = {"training": ["a"], "validation": ["b", "c"], "test": ["d"]}
+    with pytest.raises(SystemExit, match="holds another split"):
+        fid.build_dataset([], new, "hrpqct", out, 0)
+    assert path.read_text() == before
