@@ -82,7 +82,6 @@ HR_RANGE = (-200.0, 1200.0)  # the phantoms' window, mg HA/cm^3
 SCORE_MULTIPLE = 8  # scored region: HR shape floored to a multiple of this (see scored_shape)
 FIDELITY = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")  # the acceptance parameters
 EXPERIMENT = "bone3d-fidelity"
-MIN_BONE = 0.01  # a sub-VOI is scored where HR holds at least this bone fraction (bone_vois)
 PURIFIED_OUT = RESULTS / "fidelity_purified.json"
 
 
@@ -261,32 +260,16 @@ def scored_shape(hr_shape) -> tuple[int, ...]:
     return tuple((n // SCORE_MULTIPLE) * SCORE_MULTIPLE for n in hr_shape)
 
 
-def bone_vois(hr: np.ndarray) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The 2 x 2 x 2 sub-VOIs of ``hr`` (already cut to the scored region) that hold bone, and
-    the names of those that do not. A sub-VOI holds bone when at least ``MIN_BONE`` of its HR
-    voxels are denser than halfway between marrow and tissue (a fixed threshold in mg HA/cm^3,
-    as Scanco's; the HR noise, SD 60, never reaches it). A sub-VOI without bone (BoneBox ROIs 65
-    and 13 reach past the trabecular bone into empty space) has no morphometry: its IsoData
-    threshold splits noise, giving HR and every method BV/TV near 0.5, Tb.Th one voxel and DA
-    near 0, numbers of nothing, so it is left out for every method alike."""
-    from bone3d.data.phantom import PhantomSpec
-    from bone3d.evaluation.report import sub_vois
-
-    spec = PhantomSpec()
-    dense = hr > 0.5 * (spec.marrow_mgha + spec.tissue_mgha)
-    blocks = sub_vois(np.ones(hr.shape, bool), 2)
-    empty = [n for n, voi in blocks.items() if dense[voi].mean() < MIN_BONE]
-    return {n: v for n, v in blocks.items() if n not in empty}, empty
-
-
 def score_volume(
     vols: dict[str, np.ndarray], hr: np.ndarray, *, purify: bool = False
 ) -> list[dict]:
-    """PSNR/SSIM per method and morphometry per sub-VOI (those with bone in HR: `bone_vois`)
-    for methods and HR, all on the region ``scored_shape(hr.shape)``; ``purify``: each
-    sub-VOI's bone purified first (BoneJ Purify, HR and every method alike)."""
+    """PSNR/SSIM per method and morphometry per sub-VOI for methods and HR, all on the region
+    ``scored_shape(hr.shape)``; sub-VOIs without bone in HR are left out (`bone3d evaluate`'s
+    rule, `bone3d.evaluation.report.bone_blocks`: the validation ROI of donor 07131 reaches
+    past the trabecular bone into empty space); ``purify``: each sub-VOI's bone purified first
+    (BoneJ Purify, HR and every method alike)."""
     from bone3d.evaluation.image import psnr, ssim
-    from bone3d.evaluation.report import voi_morphometry
+    from bone3d.evaluation.report import bone_blocks, voi_morphometry
 
     shape = scored_shape(hr.shape)
     for name, v in vols.items():
@@ -296,9 +279,7 @@ def score_volume(
     hr = hr[cut]
     rng = HR_RANGE[1] - HR_RANGE[0]
     rows = []
-    blocks, empty = bone_vois(hr)
-    if not blocks:
-        raise ValueError(f"no sub-VOI of HR holds bone ({', '.join(empty)}): nothing to score")
+    blocks, _ = bone_blocks(hr, np.ones(shape, bool), 2)
     for name, v in {**vols, "HR": hr}.items():
         v = v[cut]
         img = {} if name == "HR" else {"psnr_db": psnr(v, hr, rng), "ssim": ssim(v, hr, rng)}
@@ -565,6 +546,7 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
+    from bone3d.evaluation.report import MIN_BONE, bone_blocks
     from bone3d.io import read_volume, write_csv, write_json
 
     t_start = time.perf_counter()
@@ -630,7 +612,8 @@ def main() -> int:
                 deg_rows.append(
                     {"degradation": deg, "split": part, "specimen": item["specimen"], **r}
                 )  # fmt: skip
-            empty = bone_vois(h[tuple(slice(0, n) for n in scored_shape(h.shape))])[1]
+            cut = h[tuple(slice(0, n) for n in scored_shape(h.shape))]
+            empty = bone_blocks(cut, np.ones(cut.shape, bool), 2)[1]
             if empty:
                 excluded[item["specimen"]] = empty
             _log(f"{deg} {part} {item['specimen']}: scored {len(vols)} methods"
@@ -703,8 +686,9 @@ def main() -> int:
             "split": split,
             "sub_vois_per_volume": 8,
             "sub_vois_without_bone": {
-                "rule": f"left out when under {MIN_BONE:.0%} of the HR voxels exceed the "
-                "marrow-tissue midpoint (500 mg HA/cm^3)",
+                "rule": f"left out for every method when under {MIN_BONE:.0%} of the sub-VOI "
+                "is bone in HR segmented by its IsoData threshold over the scored region "
+                "(bone3d.evaluation.report.bone_blocks)",
                 "left_out": excluded,
             },
             "scored_region": f"first (n // {SCORE_MULTIPLE}) * {SCORE_MULTIPLE} HR voxels per axis, "

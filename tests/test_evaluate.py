@@ -85,6 +85,24 @@ def test_sub_vois_partition_the_region():
     assert np.array_equal(total, region.astype(int))
 
 
+def test_sub_vois_without_bone_in_hr_are_left_out(tmp_path):
+    """A VOI reaching past the bone into empty marrow: the sub-VOIs there would get IsoData
+    thresholds inside noise (BV/TV near 0.5); they are listed, not scored, for every method."""
+    hr = make_phantom(shape=(48, 48, 48), spacing_mm=0.05, bv_tv=0.15, seed=6).image
+    a = hr.data[0].numpy().copy()
+    a[:, :, 24:] = np.random.default_rng(0).normal(0, 60, a[:, :, 24:].shape)
+    hr = tio.ScalarImage(tensor=torch.from_numpy(a[None]), affine=hr.affine)
+    sr = tio.ScalarImage(tensor=torch.from_numpy(ndi.gaussian_filter(a, 0.7)[None]),
+                         affine=hr.affine)  # fmt: skip
+    res = evaluate(sr, hr, tmp_path / "r", name="SR")
+    assert res["blocks_without_bone"] == ["block_001", "block_011", "block_101", "block_111"]
+    assert res["n_blocks"] == 4 and res["agreement"]["SR"]["bv_tv"]["n"] == 4
+    rows = (tmp_path / "r" / "voi_metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5 * 2  # header + (whole VOI + 4 blocks) x (SR, HR)
+    assert "block_111" not in "".join(rows)
+    assert "without bone in HR" in (tmp_path / "r" / "report.html").read_text()
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     ph = make_phantom(shape=(64, 64, 64), spacing_mm=0.04, tb_th_mm=0.12, seed=2)
@@ -124,6 +142,7 @@ def test_evaluate_writes_every_file_and_consistent_numbers(report):
     # agreement over the 8 sub-VOIs
     a = saved["agreement"]["blurSR"]["bv_tv"]
     assert a["n"] == 8 and a["pearson"]["r"] > 0.9
+    assert saved["blocks_without_bone"] == []
     rows = (out / "voi_metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 9 * 3  # header + (whole VOI + 8 blocks) x 3 methods
     html = (out / "report.html").read_text()

@@ -11,6 +11,8 @@ What is computed, with its conventions:
   global threshold (ImageJ IsoData by default), as a researcher segments each scan, and measured
   in the whole VOI and in ``split^3`` sub-VOIs (the VOI's bounding box cut into equal blocks, each
   intersected with the VOI), which give the points for agreement statistics within one specimen.
+  A sub-VOI in which HR holds no bone (`bone_blocks`: under 1 % bone at HR's threshold over the
+  whole VOI) is left out for every method and listed in ``blocks_without_bone``.
 * **Agreement** (`bone3d.evaluation.stats.agreement`) of SR vs HR and LR vs HR across sub-VOIs,
   per parameter: mean +- SD, bias, paired t, Pearson R/R^2, regression, ICC(2,1), Bland-Altman.
 
@@ -50,6 +52,7 @@ LABELS = {
     "da": "DA (1 - l_min/l_max)",
 }
 METRICS = ("bv_tv", "tb_th", "tb_sp", "tb_n", "connectivity", "da")
+MIN_BONE = 0.01  # a sub-VOI with less HR bone than this fraction has no morphometry (bone_blocks)
 
 
 def _same_grid(a: tio.Image, b: tio.Image) -> bool:
@@ -78,6 +81,27 @@ def sub_vois(region: np.ndarray, split: int) -> dict[str, np.ndarray]:
         if m.any():
             out[f"block_{i}{j}{k}"] = m
     return out
+
+
+def bone_blocks(
+    hr: np.ndarray,
+    region: np.ndarray,
+    split: int,
+    threshold: str | float = "isodata",
+    min_bone: float = MIN_BONE,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The sub-VOIs of `sub_vois` in which HR holds bone, and the names of those in which it
+    does not. A sub-VOI holds bone when at least ``min_bone`` of its voxels are bone in HR
+    segmented by one threshold (``threshold``) computed over the whole ``region``. Without bone
+    a sub-VOI has no morphometry: a threshold computed inside it (as `voi_morphometry` does)
+    splits the noise, giving HR and every method alike BV/TV near 0.5, Tb.Th about one voxel
+    and DA near 0, numbers of nothing that would enter the agreement statistics as points."""
+    from bone3d.morphometry import segment
+
+    bone, _ = segment(hr, threshold, mask=region)
+    blocks = sub_vois(region, split)
+    empty = [n for n, voi in blocks.items() if bone[voi].mean() < min_bone]
+    return {n: v for n, v in blocks.items() if n not in empty}, empty
 
 
 def voi_morphometry(vol, spacing, voi, threshold, *, purify: bool = False) -> dict:
@@ -181,6 +205,15 @@ def _box_figure(images: dict, path: Path) -> Path:
     return write_figure(fig, path)
 
 
+def _no_bone_note(names: list[str]) -> str:
+    if not names:
+        return ""
+    return (
+        f"<p>Left out, without bone in HR (under {MIN_BONE:.0%} at HR's threshold): "
+        f"{html.escape(', '.join(names))}.</p>"
+    )
+
+
 def _html(result: dict, files: dict[str, Path], path: Path) -> Path:
     def img(p: Path) -> str:
         data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
@@ -224,6 +257,7 @@ Spacing {html.escape(str(result["spacing_mm"]))} mm. {html.escape(result["lr_cal
 <table><tr><th>method</th><th>PSNR 3D (dB)</th><th>SSIM 3D</th><th>PSNR axial mean</th><th>SSIM axial mean</th></tr>
 {"".join(rows)}</table>
 <h2>Morphometry (whole VOI) and correlation with HR over {result["n_blocks"]} sub-VOIs</h2>
+{_no_bone_note(result["blocks_without_bone"])}
 <table><tr><th>parameter</th>{head}{rhead}</tr>{"".join(morpho)}</table>
 <h2>Slices</h2>{img(files["slices"])}
 <h2>Agreement with HR</h2>{img(files["agreement"])}
@@ -350,7 +384,7 @@ def evaluate(
             if m != "HR":
                 refs[m]["fd_bone"] = fd_bone(vols[m], hr_a, extractor)
                 images[m]["voi"].update(refs[m])
-    blocks = sub_vois(region, split)
+    blocks, no_bone = bone_blocks(hr_a, region, split, threshold)
     rows = []
     per_voi = {}
     from tqdm import tqdm
@@ -387,6 +421,7 @@ def evaluate(
         f"{calib['intercept']:.4g} (least squares over the VOI).",
         "voi_voxels": int(region.sum()),
         "n_blocks": len(blocks),
+        "blocks_without_bone": no_bone,
         "image_metrics": images,
         "voi": per_voi,
         "agreement": agreement,
