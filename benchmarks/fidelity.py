@@ -159,11 +159,10 @@ def build_dataset(volumes, split, preset: str, out: Path, seed: int) -> Path:
     if path.is_file():  # reused with the trainings beside it: only for the same split
         old = json.loads(path.read_text())
         if old.get("split_hash") != split_hash(split):
-            raise SystemExit(
-                f"{path} holds another split (test {[i['specimen'] for i in old['test']]}, "
-                f"validation {[i['specimen'] for i in old['validation']]}); its trainings do "
-                "not fit this one: use a new --work"
-            )  # fmt: skip
+            print(f"{path} holds another split (test {[i['specimen'] for i in old['test']]}, "
+                  f"validation {[i['specimen'] for i in old['validation']]}); its trainings do "
+                  "not fit this one: use a new --work", file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
         return path
     p = get_preset(preset)
     items = []

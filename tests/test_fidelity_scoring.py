@@ -165,7 +165,7 @@ def test_sub_vois_without_bone_in_hr_are_left_out_for_every_method():
             assert r["bv_tv"] == full[("HR", r["voi"])]["bv_tv"]
 
 
-def test_a_work_folder_built_for_another_split_is_refused(tmp_path):
+def test_a_work_folder_built_for_another_split_is_refused(tmp_path, capsys):
     """Trainings in the work folder are reused: a datalist of another split must not be."""
     from bone3d.data.datalist import write_datalist
 
@@ -178,6 +178,7 @@ def test_a_work_folder_built_for_another_split_is_refused(tmp_path):
     before = path.read_text()
     assert fid.build_dataset([], old, "hrpqct", out, 0) == path  # same split: reused as is
     new = {"training": ["a"], "validation": ["b", "c"], "test": ["d"]}
-    with pytest.raises(SystemExit, match="holds another split"):
+    with pytest.raises(SystemExit) as exit_:
         fid.build_dataset([], new, "hrpqct", out, 0)
+    assert exit_.value.code == 2 and "holds another split" in capsys.readouterr().err
     assert path.read_text() == before
