@@ -22,15 +22,16 @@ monai.bundle run`` with its own loss and with ``common/morphometry_loss_base.jso
 `bone3d.inference.ensemble`; ``--no-self-ensemble`` scores single passes into
 ``fidelity_single_pass.json``, MLflow metrics ``fid_single_pass_*``, and exports nothing).
 
-Scores on the test volumes, all on one region fixed by the data (``scored_shape``: 88^3): PSNR
+Scores on the test and validation volumes, all on one region fixed by the data (``scored_shape``: 88^3): PSNR
 and SSIM (3D, MONAI, data range = the HR window width), and per 44^3 sub-VOI (8 per volume)
 BV/TV, Tb.Th, Tb.Sp, Tb.N, Conn.D, DA, each volume segmented by
 its own ImageJ IsoData threshold inside the VOI (`bone3d.evaluation.report.voi_morphometry`,
-BoneJ conventions): mean absolute relative error vs HR, Pearson R and ICC(2,1) across the test
-VOIs (`bone3d.evaluation.stats.agreement`). LR rows are listed for comparison.
+BoneJ conventions; sub-VOIs without bone in HR left out, `bone3d.evaluation.report.bone_blocks`):
+mean absolute relative error vs HR, Pearson R and ICC(2,1) across the VOIs of each split
+(`bone3d.evaluation.stats.agreement`). LR rows are listed for comparison.
 
-The validation donor (never trained on; the trainings only report a validation PSNR at their
-last epoch) is scored the same way, and **chooses the best model**: the lowest
+The validation donors (``--validation``, 2; never trained on: the trainings only report a
+validation PSNR at their last epoch) **choose the best model**: the lowest
 ``fidelity_vs_lr`` on validation, the mean over BV/TV, Tb.Th, Tb.Sp, Conn.D and DA of the error
 divided by trilinear LR's, so that each parameter counts equally. The acceptance checks then read
 that model's test scores, which took no part in the choice.
