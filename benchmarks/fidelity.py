@@ -98,8 +98,15 @@ def _centre_crop(a: np.ndarray, n: int) -> np.ndarray:
     return a[tuple(slice(max(o, 0), max(o, 0) + n) for o in lo)]
 
 
-def hr_volumes(n_phantoms: int, seed: int) -> list[dict]:
-    """Every HR volume: ``{"id", "donor", "source", "image"}`` (tio image, mg HA/cm^3, 50 um)."""
+def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0) -> list[dict]:
+    """Every HR volume: ``{"id", "donor", "source", "image"}`` (tio image, mg HA/cm^3, 50 um).
+
+    ``n_phantoms`` trabecular phantoms fill their whole box; ``n_cortical`` more
+    (``cortical00``...) are the corner of a wider phantom with a porous cortical shell
+    (`bone3d.data.phantom`, ``cortex=True``): trabeculae, the shell and empty space outside it
+    (about 40 % of the box farther than 0.75 mm from bone), as an ROI at the edge of a vertebral
+    body. Besides one BoneBox ROI, they are the only training volumes with wide bone-free space,
+    where a model that never saw any draws trabeculae into the noise."""
     from bone3d.data.phantom import PhantomSpec, make_phantom, render_grey
     from bone3d.data.prepare import two_class_means
     from bone3d.data.simulate import area_resample
@@ -132,6 +139,18 @@ def hr_volumes(n_phantoms: int, seed: int) -> list[dict]:
         )  # fmt: skip
         out.append({"id": f"phantom{i:02d}", "donor": f"phantom{i:02d}", "source": "phantom",
                     "image": ph.image})  # fmt: skip
+    for i in range(n_cortical):
+        wide = (SIZE * 8 // 3, SIZE * 8 // 3, SIZE)  # 256^2: the box's corner is outside
+        ph = make_phantom(
+            shape=wide, spacing_mm=HR_MM, bv_tv=float(rng.uniform(0.08, 0.3)),
+            tb_th_mm=float(rng.uniform(0.12, 0.22)), rod_fraction=float(rng.uniform(0.2, 0.8)),
+            anisotropy=float(rng.uniform(1.0, 1.6)), cortex=True,
+            ct_th_mm=float(rng.uniform(0.3, 0.6)), n_pores=int(rng.integers(5, 30)),
+            seed=seed * 1000 + 700 + i,
+        )  # fmt: skip
+        corner = ph.image.data[0, :SIZE, :SIZE].numpy()
+        out.append({"id": f"cortical{i:02d}", "donor": f"cortical{i:02d}",
+                    "source": "phantom, cortical shell", "image": make_image(corner, spacing=sp)})  # fmt: skip
     return out
 
 
@@ -495,7 +514,11 @@ def main() -> int:
     ap.add_argument("--loss", nargs="+", default=["plain", "morpho"], choices=["plain", "morpho"])
     ap.add_argument("--epochs-3d", type=int, default=30)
     ap.add_argument("--epochs-2p5d", type=int, default=30)
-    ap.add_argument("--phantoms", type=int, default=2)
+    ap.add_argument("--phantoms", type=int, default=2, help="trabecular phantoms (training)")
+    ap.add_argument(
+        "--cortical-phantoms", type=int, default=2,
+        help="phantoms with a cortical shell and empty space outside it (training)",
+    )  # fmt: skip
     ap.add_argument("--test", type=int, default=4, help="test donors (single-ROI BoneBox)")
     ap.add_argument(
         "--validation", type=int, default=2,
@@ -555,7 +578,7 @@ def main() -> int:
     db = work / "mlruns.db"
     epochs = {"3d": args.epochs_3d, "2p5d": args.epochs_2p5d}
     _log("HR volumes")
-    volumes = hr_volumes(args.phantoms, args.seed)
+    volumes = hr_volumes(args.phantoms, args.seed, args.cortical_phantoms)
     split = donor_split(volumes, args.test, args.validation, args.seed)
     _log(f"split: test {split['test']}, validation {split['validation']}, "
          f"{len(split['training'])} training volumes")  # fmt: skip
@@ -629,7 +652,8 @@ def main() -> int:
         rows += deg_rows
         timing[deg] = round(time.perf_counter() - t_deg, 1)
         configs[deg] = {"models": args.models, "variants": args.variants, "loss": args.loss,
-                        "epochs": epochs, "phantoms": args.phantoms, "seed": args.seed,
+                        "epochs": epochs, "phantoms": args.phantoms,
+                        "cortical_phantoms": args.cortical_phantoms, "seed": args.seed,
                         "train_seeds": args.train_seeds,
                         "self_ensemble": args.self_ensemble}  # fmt: skip
         print_table(deg, summary[deg])

@@ -182,3 +182,26 @@ def test_a_work_folder_built_for_another_split_is_refused(tmp_path, capsys):
         fid.build_dataset([], new, "hrpqct", out, 0)
     assert exit_.value.code == 2 and "holds another split" in capsys.readouterr().err
     assert path.read_text() == before
+
+
+@pytest.mark.realdata
+def test_cortical_phantoms_add_wide_bone_free_space_to_training_only():
+    """The cortical phantoms bring what the trabecular ROIs lack: a shell and wide empty space
+    outside it (voxels > 0.75 mm from bone); they always train, and adding them leaves the other
+    volumes and the test/validation split as they were."""
+    from scipy import ndimage as ndi
+
+    fid = _fidelity()
+    base = fid.hr_volumes(1, 0)
+    more = fid.hr_volumes(1, 0, 1)
+    assert [v["id"] for v in more] == [v["id"] for v in base] + ["cortical00"]
+    for a, b in zip(base, more[: len(base)], strict=True):
+        assert np.array_equal(a["image"].data.numpy(), b["image"].data.numpy())
+    grey = more[-1]["image"].data[0].numpy()
+    far = ndi.distance_transform_edt(grey < 500) * fid.HR_MM > 0.75
+    trabecular = base[-1]["image"].data[0].numpy()
+    assert far.mean() > 0.3
+    assert (ndi.distance_transform_edt(trabecular < 500) * fid.HR_MM > 0.75).mean() < 0.05
+    split = fid.donor_split(more, 4, 2, 0)
+    assert split == fid.donor_split(base, 4, 2, 0) | {"training": split["training"]}
+    assert "cortical00" in split["training"]
