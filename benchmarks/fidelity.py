@@ -8,7 +8,9 @@ Data (HR at 50 um, 96^3 voxels = 4.8 mm cubes, mg HA/cm^3):
   intensity model (`bone3d.data.phantom.render_grey`);
 * the LHDL human trabecular core (``lhdl_human_trabecular_uct``, grey micro-CT at 19.5 um), mapped
   to mg HA/cm^3 by its two IsoData class means (marrow 0, tissue 1000) and area-averaged to 50 um;
-* generated phantoms (`bone3d.data.phantom`), for more training variety.
+* generated phantoms (`bone3d.data.phantom`), for more training variety: two trabecular ones
+  filling their box, and two with a cortical shell and wide empty space outside it
+  (``--cortical-phantoms``; see `hr_volumes`).
 
 Split by **donor**: test and validation volumes are whole BoneBox specimens (every ROI of a donor
 in one split), chosen with the seed; everything else trains. Each HR volume is degraded with each
