@@ -133,20 +133,21 @@ def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0) -> list[dict]:
     out.append({"id": "lhdl_3155", "donor": "lhdl_3155", "source": str(lhdl),
                 "image": make_image(a, spacing=sp)})  # fmt: skip
     rng = np.random.default_rng(seed)
+
+    def trabecular():  # one draw of the trabecular parameters, in the order the seed fixes
+        return {"bv_tv": float(rng.uniform(0.08, 0.3)), "tb_th_mm": float(rng.uniform(0.12, 0.22)),
+                "rod_fraction": float(rng.uniform(0.2, 0.8)),
+                "anisotropy": float(rng.uniform(1.0, 1.6))}  # fmt: skip
+
     for i in range(n_phantoms):
-        ph = make_phantom(
-            shape=(SIZE,) * 3, spacing_mm=HR_MM, bv_tv=float(rng.uniform(0.08, 0.3)),
-            tb_th_mm=float(rng.uniform(0.12, 0.22)), rod_fraction=float(rng.uniform(0.2, 0.8)),
-            anisotropy=float(rng.uniform(1.0, 1.6)), seed=seed * 1000 + 500 + i,
-        )  # fmt: skip
+        ph = make_phantom(shape=(SIZE,) * 3, spacing_mm=HR_MM, seed=seed * 1000 + 500 + i,
+                          **trabecular())  # fmt: skip
         out.append({"id": f"phantom{i:02d}", "donor": f"phantom{i:02d}", "source": "phantom",
                     "image": ph.image})  # fmt: skip
     for i in range(n_cortical):
         wide = (SIZE * 8 // 3, SIZE * 8 // 3, SIZE)  # 256^2: the box's corner is outside
         ph = make_phantom(
-            shape=wide, spacing_mm=HR_MM, bv_tv=float(rng.uniform(0.08, 0.3)),
-            tb_th_mm=float(rng.uniform(0.12, 0.22)), rod_fraction=float(rng.uniform(0.2, 0.8)),
-            anisotropy=float(rng.uniform(1.0, 1.6)), cortex=True,
+            shape=wide, spacing_mm=HR_MM, **trabecular(), cortex=True,
             ct_th_mm=float(rng.uniform(0.3, 0.6)), n_pores=int(rng.integers(5, 30)),
             seed=seed * 1000 + 700 + i,
         )  # fmt: skip
@@ -506,6 +507,14 @@ def export_best(info: dict, target: Path, ensemble: bool) -> Path:
 # --- main -----------------------------------------------------------------------------------
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0 (argparse prints the message and exits 2)."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -516,9 +525,9 @@ def main() -> int:
     ap.add_argument("--loss", nargs="+", default=["plain", "morpho"], choices=["plain", "morpho"])
     ap.add_argument("--epochs-3d", type=int, default=30)
     ap.add_argument("--epochs-2p5d", type=int, default=30)
-    ap.add_argument("--phantoms", type=int, default=2, help="trabecular phantoms (training)")
+    ap.add_argument("--phantoms", type=_count, default=2, help="trabecular phantoms (training)")
     ap.add_argument(
-        "--cortical-phantoms", type=int, default=2,
+        "--cortical-phantoms", type=_count, default=2,
         help="phantoms with a cortical shell and empty space outside it (training)",
     )  # fmt: skip
     ap.add_argument("--test", type=int, default=4, help="test donors (single-ROI BoneBox)")

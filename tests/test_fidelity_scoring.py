@@ -205,3 +205,14 @@ def test_cortical_phantoms_add_wide_bone_free_space_to_training_only():
     split = fid.donor_split(more, 4, 2, 0)
     assert split == fid.donor_split(base, 4, 2, 0) | {"training": split["training"]}
     assert "cortical00" in split["training"]
+
+
+def test_phantom_counts_must_not_be_negative():
+    """A negative --phantoms / --cortical-phantoms is refused (argparse: one line, exit 2)
+    instead of silently training on none."""
+    import argparse
+
+    fid = _fidelity()
+    assert fid._count("0") == 0 and fid._count("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="negative"):
+        fid._count("-1")
