@@ -96,6 +96,7 @@ def cmd_prepare(args) -> int:
         misalign=args.misalign,
         register=args.register,
         psf_jitter=args.psf_jitter,
+        cortical=args.cortical,
     )
     data = json.loads(path.read_text())
     counts = ", ".join(f"{k} {len(data[k])}" for k in ("training", "validation", "test"))
@@ -781,6 +782,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="J",
         help="simulated pairs: each specimen's PSF FWHM = the preset's x U(1-J, 1+J) per axis "
         "(a varying blur, for blind SR such as DAN)",
+    )
+    p.add_argument(
+        "--cortical",
+        type=_positive_int,
+        default=0,
+        metavar="K",
+        help="--phantoms: the last K phantoms inside a porous cortical shell, with bone-free "
+        "space around it (about 43 %% of the box), so that training sees empty space",
     )
     p.set_defaults(func=cmd_prepare)
 

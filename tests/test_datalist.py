@@ -73,3 +73,49 @@ def test_prepare_cli_and_bad_source(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 2
+
+
+def test_prepare_cortical_phantoms_add_bone_free_space(tmp_path):
+    kw = {"phantoms": 3, "preset": "hrpqct", "phantom_shape": (40, 40, 24), "progress": False}
+    plain = read_datalist(prepare(tmp_path / "a", **kw))
+    cort = read_datalist(prepare(tmp_path / "b", cortical=1, **kw))
+    assert cort["cortical_phantoms"] == 1 and "cortical_phantoms" not in plain
+
+    def entries(d):
+        return {e["specimen"]: e for k in ("training", "validation", "test") for e in d[k]}
+
+    a, b = entries(plain), entries(cort)
+    for sid in ("phantom000", "phantom001"):  # the others are drawn as without a cortex
+        np.testing.assert_array_equal(
+            read_volume(a[sid]["target"]).data, read_volume(b[sid]["target"]).data
+        )
+        np.testing.assert_array_equal(
+            read_volume(a[sid]["image"]).data, read_volume(b[sid]["image"]).data
+        )
+
+    # the shell's outside: beyond the ellipse with semi-axes 0.45 and 0.40 of the 40^2 box
+    c = (np.arange(40) - 19.5) / 40
+    outside = (c[:, None] / 0.45) ** 2 + (c[None, :] / 0.40) ** 2 > 1
+
+    def bone_outside(entry):  # bone fraction there (the HR crop may lose the last voxels)
+        bone = read_volume(entry["truth"]).data[0].numpy() > 0
+        out = outside[: bone.shape[0], : bone.shape[1]]
+        assert out.mean() > 0.4  # the share of the box with no bone in a cortical phantom
+        return float(bone[out].mean())
+
+    assert bone_outside(a["phantom002"]) > 0.05  # trabeculae fill a plain phantom's box
+    assert bone_outside(b["phantom002"]) == 0.0
+    rec = json.loads((tmp_path / "b" / "phantom002" / "degradation.json").read_text())["phantom"]
+    assert rec["cortex"] and 5 <= rec["n_pores"] < 30
+    # capped at a third of the shorter semi-axis (0.40 x 40 voxels x 0.05 mm / 3)
+    assert 0.1 < rec["ct_th_mm"] <= 0.8 / 3 + 1e-9
+    with pytest.raises(InputError, match="cortical"):
+        prepare(tmp_path / "c", cortical=4, **kw)
+    with pytest.raises(InputError, match="phantoms only"):
+        prepare(tmp_path / "d", hr_dir=tmp_path / "a", cortical=1, progress=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "bone3d.cli", "prepare", "-o", str(tmp_path / "e"), "--phantoms", "3",
+         "--cortical", "-1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2 and "non-negative" in res.stderr

@@ -4,6 +4,8 @@ Sources (one of):
 
 * ``phantoms=N``: N synthetic specimens (`bone3d.data.phantom`) with architecture drawn per
   specimen (BV/TV 0.08-0.30, rod fraction 0.2-0.8, anisotropy 1.0-1.6), degraded with a preset;
+  with ``cortical=K`` the last K of them inside a porous cortical shell with bone-free space
+  around it (see `prepare`);
 * ``hr_dir``: a folder of HR volumes, one specimen each, degraded with a preset (intensities are
   mapped to HU from each volume's two-class means: marrow below / bone above the IsoData level);
 * ``pairs``: a CSV with columns ``specimen,lr,hr`` of LR/HR volumes. Without ``register`` they
@@ -66,8 +68,18 @@ def prepare(
     register: bool = False,
     register_options: dict | None = None,
     psf_jitter: float = 0.0,
+    cortical: int = 0,
 ) -> Path:
     """Build the dataset under ``out_dir`` and return the path of its ``datalist.json``.
+
+    ``cortical`` (phantoms only): the last ``cortical`` phantoms get a porous cortical shell
+    (`PhantomSpec` ``cortex=True``: an elliptic cylinder along z with semi-axes 0.45 and 0.40 of
+    the box, cortical thickness 0.3-0.6 mm, at most a third of the shorter semi-axis, and
+    5-29 closed pores, drawn per specimen). About 43 % of the box then lies outside the bone, as
+    in an ROI at the edge of a vertebral body. A model trained only on boxes full of trabeculae
+    draws trabecula-like specks into the noise of such space (what the fidelity benchmark found
+    on a validation donor with empty space; `benchmarks/fidelity.py`). The other phantoms are
+    the same as without ``cortical`` (their draws are unchanged).
 
     ``psf_jitter`` (simulated pairs): each specimen's PSF FWHM is the preset's times a factor
     drawn uniformly in ``[1 - j, 1 + j]`` per axis (seeded by specimen), so the blur varies over
@@ -80,6 +92,10 @@ def prepare(
         raise InputError("psf_jitter", f"must be in [0, 1), got {psf_jitter}")
     if psf_jitter and pairs is not None:
         raise InputError("psf_jitter", "applies to simulated pairs, not to --pairs")
+    if cortical and not phantoms:
+        raise InputError("cortical", "applies to phantoms only")
+    if not 0 <= int(cortical) <= int(phantoms or 0):
+        raise InputError("cortical", f"must be in [0, phantoms={phantoms}], got {cortical}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items: list[dict] = []
@@ -109,6 +125,8 @@ def prepare(
                 anisotropy=float(rng.uniform(1.0, 1.6)),
                 seed=seed * 1000 + i,
             )
+            if i >= int(phantoms) - int(cortical):
+                spec = _with_cortex(spec, np.random.default_rng([seed, i, 23]))
             ph = make_phantom(spec)
             d = degrade(ph.image, scanner(i), seed=seed * 1000 + i, misalign=misalign)
             items.append(write_specimen(out / sid, sid, ph.image, d, truth=ph.truth, spec=spec))
@@ -116,7 +134,11 @@ def prepare(
         meta.update(hr_units="mg HA/cm^3", hr_range=hr_win)
         meta["lr_range"] = [p.hu_slope * v + p.hu_intercept for v in hr_win]
         meta["hr_spacing_mm"] = [phantom_spacing_mm] * 3
-        meta["name"] = name or f"phantoms{phantoms}-{preset}-s{seed}"
+        meta["name"] = name or f"phantoms{phantoms}-{preset}-s{seed}" + (
+            f"-cortical{cortical}" if cortical else ""
+        )
+        if cortical:
+            meta["cortical_phantoms"] = int(cortical)
     elif hr_dir is not None:
         if not Path(hr_dir).is_dir():
             raise InputError(hr_dir, "not a folder of HR volumes")
@@ -156,6 +178,17 @@ def prepare(
 
     split = split_by_specimen([it["specimen"] for it in items], n_val, n_test, seed)
     return write_datalist(out / "datalist.json", items, split, split_seed=seed, **meta)
+
+
+def _with_cortex(spec: PhantomSpec, rng: np.random.Generator) -> PhantomSpec:
+    """``spec`` with a porous cortical shell; its own ``rng``, so that the trabecular draws of
+    every phantom stay what they are without a cortex."""
+    nx, ny, _ = spec.shape
+    # the shell's inner semi-axes are its outer ones (`bone3d.data.phantom`) minus Ct.Th: keep
+    # two thirds of them for the trabeculae inside
+    room = min(0.45 * nx, 0.40 * ny) * spec.spacing_mm / 3
+    ct_th = min(float(rng.uniform(0.3, 0.6)), room)
+    return replace(spec, cortex=True, ct_th_mm=ct_th, n_pores=int(rng.integers(5, 30)))
 
 
 def write_specimen(folder: Path, sid: str, hr, degraded, *, truth=None, spec=None) -> dict:
