@@ -56,6 +56,11 @@ particle, enclosed marrow filled; BoneJ's Connectivity asks for one particle). I
 ``benchmarks/results/fidelity_purified.json`` and MLflow metrics ``fid_purified_*``, exports
 nothing, and reuses the trained models and SR volumes of ``WORK``.
 
+Trials: ``--bundle-args='--loss#threshold otsu_each'`` appends arguments to every ``monai.bundle
+run`` training; it needs ``--out`` and a ``--work`` of its own (a work folder trained with other
+arguments is refused) and exports nothing. ``--epochs-3d`` / ``--epochs-2p5d`` with ``--out`` and
+a new ``--work`` try other training lengths.
+
 Trained models are kept in ``WORK`` (``benchmarks/results/work``, not committed): a rerun skips
 finished trainings and resumes interrupted ones from their last checkpoint.
 """
@@ -66,6 +71,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -211,17 +217,27 @@ def _py(args: list[str], log: Path) -> None:
 
 
 def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path, db: Path,
-          epochs: dict, seed: int = 0) -> dict:  # fmt: skip
+          epochs: dict, seed: int = 0, extra: list[str] | None = None) -> dict:  # fmt: skip
     """One training through ``monai.bundle run`` with the bundle's ``seed`` set to ``seed``
-    (weight initialisation, patch sampling; `monai.utils.set_determinism`); skipped when
-    ``run_dir`` holds a finished one."""
+    (weight initialisation, patch sampling; `monai.utils.set_determinism`) and ``extra``
+    arguments appended (``--bundle-args``); skipped when ``run_dir`` holds a finished one,
+    refused when that one was trained with other ``extra`` arguments."""
     from bone3d.engines import bundle_cli_args
 
     b = ROOT / "bundles" / bundle
     ckpt = run_dir / "models"
     done = run_dir / "done.json"
+    extra = list(extra or [])
+    n_ep = epochs[variant]
     if done.is_file():  # reused: its train_s is the original training's time
-        return {"train_seed": seed, **json.loads(done.read_text()), "reused": True}
+        info = json.loads(done.read_text())
+        had = {"epochs": info.get("epochs"), "bundle arguments": info.get("bundle_args", [])}
+        asked = {"epochs": n_ep, "bundle arguments": extra}
+        if had != asked:
+            print(f"{run_dir} was trained with {had}, not {asked}: use a new --work",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(2)
+        return {"train_seed": seed, **info, "reused": True}
     cfg = json.loads((b / "configs" / "train.json").read_text())
     scale = cfg.get("scale") or 1
     names = ["train", variant] + (["morphometry_loss"] if morpho else [])
@@ -229,7 +245,6 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
         shape = ["--patch_size", "[32,32,32]", "--batch_size", "4"]
     else:
         shape = ["--patch_size", f"[64,64,{5 * scale}]", "--batch_size", "8"]
-    n_ep = epochs[variant]
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     _py(
@@ -238,7 +253,7 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
          "--output_dir", str(run_dir / "runs"), "--tracking_uri", f"sqlite:///{db}",
          "--experiment_name", EXPERIMENT, "--net_preset", "cpu3d", *shape,
          "--max_epochs", str(n_ep), "--val_interval", str(n_ep), "--samples_per_volume", "4",
-         "--queue_length", "32", "--seed", str(seed)],
+         "--queue_length", "32", "--seed", str(seed), *extra],
         run_dir / "train.log",
     )  # fmt: skip
     info = {
@@ -246,6 +261,8 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
         "train_seed": seed, "train_s": round(time.perf_counter() - t0, 1), "checkpoint": str(ckpt / "model.pt"),
         "run_name": json.loads((ckpt / "run.json").read_text())["run_name"],
     }  # fmt: skip
+    if extra:
+        info["bundle_args"] = extra
     done.write_text(json.dumps(info, indent=1))
     return info
 
@@ -515,7 +532,7 @@ def _count(text: str) -> int:
     return n
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -562,7 +579,17 @@ def main() -> int:
         "--merge", action="store_true",
         help="keep the degradations of an existing --out file that this run does not redo",
     )  # fmt: skip
-    args = ap.parse_args()
+    ap.add_argument(
+        "--bundle-args", type=shlex.split, default=[], metavar="'ARGS'",
+        help="a trial: extra `monai.bundle run` arguments for every training, one quoted "
+        "string written with '=' (--bundle-args='--loss#threshold otsu_each'); needs --out "
+        "and a work folder of its own, exports nothing",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.bundle_args and args.out == ap.get_default("out"):
+        ap.error("--bundle-args is a trial: give --out (and a --work of its own)")
+    if args.bundle_args:
+        args.no_export = True
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
     suffix = (
         ("_purified" if args.purify else "")
@@ -620,7 +647,8 @@ def main() -> int:
                     for loss in args.loss:
                         name = f"{bundle}-{variant}-{loss}" + (f"-seed{seed}" if seed else "")
                         info = train(bundle, variant, loss == "morpho", datalist,
-                                     work / deg / "runs" / name, db, epochs, seed)  # fmt: skip
+                                     work / deg / "runs" / name, db, epochs, seed,
+                                     args.bundle_args)  # fmt: skip
                         _log(f"{deg} {_run_key(info)}: trained in {info['train_s']:.0f} s")
                         infos.append(info)
         deg_rows = []
@@ -666,7 +694,8 @@ def main() -> int:
                         "epochs": epochs, "phantoms": args.phantoms,
                         "cortical_phantoms": args.cortical_phantoms, "seed": args.seed,
                         "train_seeds": args.train_seeds,
-                        "self_ensemble": args.self_ensemble}  # fmt: skip
+                        "self_ensemble": args.self_ensemble,
+                        "bundle_args": args.bundle_args}  # fmt: skip
         print_table(deg, summary[deg])
         # MLflow: scores on the training runs, baselines as runs of their own
         exp = client.get_experiment_by_name(EXPERIMENT)

@@ -4,6 +4,7 @@ row does not depend on which other methods are in the run."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,42 @@ def test_phantom_counts_must_not_be_negative():
     assert fid._count("0") == 0 and fid._count("3") == 3
     with pytest.raises(argparse.ArgumentTypeError, match="negative"):
         fid._count("-1")
+
+
+def test_bundle_args_trial_needs_its_own_output_and_work(tmp_path, capsys):
+    """--bundle-args (a trial's extra `monai.bundle run` arguments) must not overwrite the
+    headline JSON, and a work folder whose trainings had other arguments or epochs is refused
+    (they would be reused as if they were the asked ones)."""
+    fid = _fidelity()
+    with pytest.raises(SystemExit) as err:
+        fid.main(["--bundle-args=--loss#threshold otsu_each"])
+    assert err.value.code == 2 and "give --out" in capsys.readouterr().err
+    run = tmp_path / "rcan-3d-morpho"
+    run.mkdir()
+    (run / "done.json").write_text(json.dumps({"bundle": "rcan", "epochs": 1, "train_s": 1.0}))
+    args = ("rcan", "3d", True, tmp_path / "datalist.json", run, tmp_path / "db")
+    assert fid.train(*args, {"3d": 1})["reused"]  # same epochs, same (no) arguments: reused
+    with pytest.raises(SystemExit) as err:
+        fid.train(*args, {"3d": 1}, extra=["--loss#threshold", "otsu_each"])
+    assert err.value.code == 2 and "use a new --work" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # nor a training of another length
+        fid.train(*args, {"3d": 2})
+    assert err.value.code == 2 and "'epochs': 1" in capsys.readouterr().err
+
+
+def test_grey_bias_separates_an_offset_from_blur():
+    """benchmarks/grey_bias.py: a uniform lift shows in marrow and bone alike; a blur darkens
+    the thin bone and leaves the marrow mean nearly where it was; one-class HR is refused."""
+    from scipy import ndimage as ndi
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grey_bias.py"
+    spec = importlib.util.spec_from_file_location("grey_bias", path)
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    hr = make_phantom(shape=(40, 40, 40), seed=3).image.data[0].numpy()
+    marrow, bone = gb.class_bias(hr + 70.0, hr, (32, 32, 32))
+    assert marrow == pytest.approx(70.0, abs=1e-3) and bone == pytest.approx(70.0, abs=1e-3)
+    marrow, bone = gb.class_bias(ndi.gaussian_filter(hr, 1.5), hr, (32, 32, 32))
+    assert bone < -100 and abs(marrow) < abs(bone) / 2
+    with pytest.raises(ValueError, match="one class"):
+        gb.class_bias(hr, np.full_like(hr, 5.0), (32, 32, 32))
