@@ -11,6 +11,7 @@ from skimage.measure import euler_number
 from bone3d.data.phantom import make_phantom
 from bone3d.losses import (
     MorphometryLoss,
+    class_means,
     fabric_profile,
     granulometry,
     intercept_density,
@@ -112,7 +113,7 @@ def test_gradients_are_correct():
     y = _random_soft((1, 1, 6, 6, 6), 2)
     x3 = _random_soft((1, 1, 6, 6, 6), 5).requires_grad_()
     loss = MorphometryLoss(
-        weights={"euler": 0.0},  # straight-through: no finite-difference gradient, see below
+        weights={"euler": 0.0, "density": 0.1},  # euler is straight-through: see below
         threshold=0.5, temperature=0.2, thickness_radius=1, spacing_radius=2,
     )  # fmt: skip
     assert torch.autograd.gradcheck(lambda a: loss(a, y), (x3,))
@@ -418,3 +419,28 @@ def test_pretraining_computes_the_pixel_loss_alone():
     (small,) = torch.autograd.grad(loss(x, y), x)
     assert set(loss.terms) == {"pixel", "bvtv", "thickness", "spacing", "euler", "fabric"}
     assert not torch.equal(small, ref_grad)
+
+
+def test_density_term_charges_an_offset_that_the_soft_masks_barely_see():
+    """class_means with a binary mask are the plain means inside and outside it; a uniform lift
+    c of the prediction costs the density term 2|c| (bone and marrow), with slope 2 sign(c),
+    while the BV/TV term moves far less: the drift RCAN took under the loss."""
+    hr = make_phantom(shape=(24, 24, 24), seed=5).image.data[0].numpy() / 1000.0
+    y = _t(hr)
+    mask = hr > 0.4
+    bone, marrow = class_means(y, _t(mask))
+    assert float(bone) == pytest.approx(hr[mask].mean()) and float(marrow) == pytest.approx(
+        hr[~mask].mean()
+    )
+    loss = MorphometryLoss(weights={"density": 1.0}, temperature=0.05)
+    for c in (0.05, -0.08):
+        lift = torch.tensor(c, dtype=torch.float64, requires_grad=True)
+        loss(y + lift, y)
+        assert loss.terms["density"] == pytest.approx(2 * abs(c), rel=1e-6)
+        assert loss.terms["density"] > 5 * loss.terms["bvtv"]
+        only = MorphometryLoss(
+            weights=dict.fromkeys(MorphometryLoss.DEFAULT_WEIGHTS, 0.0) | {"density": 1.0}
+        )
+        only(y + lift, y).backward()
+        assert float(lift.grad) == pytest.approx(2 * np.sign(c), rel=1e-6)
+    assert MorphometryLoss().weights["density"] == 0.0  # off unless a bundle asks for it

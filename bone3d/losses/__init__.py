@@ -3,6 +3,7 @@
 from bone3d.losses.morphometry import (
     MorphometryLoss,
     MorphometryWarmup,
+    class_means,
     fabric_profile,
     granulometry,
     intercept_density,
@@ -17,6 +18,7 @@ from bone3d.losses.morphometry import (
 __all__ = [
     "MorphometryLoss",
     "MorphometryWarmup",
+    "class_means",
     "fabric_profile",
     "granulometry",
     "intercept_density",

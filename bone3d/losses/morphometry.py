@@ -34,6 +34,12 @@ definitions when ``p`` is binary:
   ``1 / MIL(v)^2``, and its DA = 1 - lambda_min / lambda_max are functions of the profile
   ``P_L(v) / mean_v P_L(v)`` alone: two images whose normalised profiles agree have the same
   DA and fabric axes. 13 directions over-determine the 6 unknowns of the 3D tensor.
+* **Density** (optional, weight 0 by default): the mean grey value of the bone and of the marrow
+  of the *target's* soft segmentation, in prediction and target: the tissue mineral density
+  (TMD, the mean density inside the bone mask; Bouxsein et al. 2010, Scanco's Tb.TMD) and its
+  marrow counterpart. The soft masks above depend on the prediction's grey values only through
+  the threshold, so a generator can satisfy them by lifting every voxel (bone and marrow alike);
+  these two means are linear in the prediction and charge an offset at its full size.
 
 No library provides these on soft masks in PyTorch (MONAI's losses are pixel, perceptual and
 segmentation overlaps), hence hand-written; the pooling is PyTorch's. Every function takes
@@ -210,6 +216,21 @@ def otsu_threshold(images: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=images.dtype, device=images.device).reshape(shape)
 
 
+def _class_sizes(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = tuple(range(2, h.ndim))
+    return h.sum(dims), (1 - h).sum(dims)
+
+
+def class_means(x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``x`` over the bone and over the marrow of the soft segmentation ``h`` (weights
+    ``h`` and ``1 - h``), per image: two (N, C) tensors in the units of ``x``. With binary ``h``
+    they are the plain means inside and outside the mask (TMD and marrow density when ``x`` is
+    in mg HA/cm^3)."""
+    dims = tuple(range(2, x.ndim))
+    nb, nm = _class_sizes(h)
+    return (x * h).sum(dims) / nb.clamp_min(1e-6), (x * (1 - h)).sum(dims) / nm.clamp_min(1e-6)
+
+
 _PIXEL = {
     "l1": lambda a, b: F.l1_loss(a, b),
     "mse": lambda a, b: F.mse_loss(a, b),
@@ -222,18 +243,21 @@ class MorphometryLoss(nn.Module):
 
     ``loss = w_pixel * pixel(pred, hr) + w_bvtv * |BV/TV_p - BV/TV_h|
     + w_thickness * sum_r |G_r(p) - G_r(h)| + w_spacing * sum_r |G_r(1-p') - G_r(1-h')|
-    + w_euler * 1000 * |chi_p - chi_h| / n_voxels + w_fabric * mean_v |F_v(p) - F_v(h)|``
+    + w_euler * 1000 * |chi_p - chi_h| / n_voxels + w_fabric * mean_v |F_v(p) - F_v(h)|
+    + w_density * (|TMD(pred) - TMD(hr)| + |MMD(pred) - MMD(hr)|)``
     averaged over images (chi of the masks thresholded at 0.5, with `soft_euler`'s gradient: see
     the module docstring), where p and h are the soft segmentations (`soft_bone`) of prediction
     and target, G_r the `granulometry` volume fractions (p', h': average-pooled, see
     ``spacing_pool``), chi the `soft_euler` characteristic (per 1000 voxels, a connectivity
-    density in voxel units) and F the `fabric_profile` (taken only on targets that have
-    boundaries: a patch of pure marrow has no fabric). Channels are separate images (a
+    density in voxel units), F the `fabric_profile` (taken only on targets that have
+    boundaries: a patch of pure marrow has no fabric) and TMD / MMD the `class_means` of bone
+    and marrow weighted by the target's soft segmentation h (in intensity units; a class is
+    left out of an image where h gives it less than one voxel). Channels are separate images (a
     post-upsampling 2D network predicts several HR slices as channels).
 
     Args:
         weights: ``pixel``, ``bvtv``, ``thickness``, ``spacing``, ``euler``, ``fabric``,
-            ``regressor`` (missing = default).
+            ``density``, ``regressor`` (missing = default).
         pixel: ``"l1"``, ``"mse"`` or ``"charbonnier"``.
         threshold: a float in the network's intensity units; ``"otsu"``: both images at the
             target's Otsu level; ``"otsu_each"``: each image at its own Otsu level (detached),
@@ -257,7 +281,7 @@ class MorphometryLoss(nn.Module):
 
     DEFAULT_WEIGHTS = {
         "pixel": 1.0, "bvtv": 0.1, "thickness": 0.1, "spacing": 0.1, "euler": 0.01, "fabric": 0.1,
-        "regressor": 0.0,
+        "density": 0.0, "regressor": 0.0,
     }  # fmt: skip
 
     def __init__(
@@ -322,6 +346,10 @@ class MorphometryLoss(nn.Module):
         h = soft_bone(y, ty, self.temperature).detach()
         if w["bvtv"]:
             terms["bvtv"] = (soft_bvtv(p) - soft_bvtv(h)).abs().mean()
+        if w["density"]:
+            (bx, mx), (by, my), (nb, nm) = class_means(x, h), class_means(y, h), _class_sizes(h)
+            has_b, has_m = (nb >= 1).to(x.dtype), (nm >= 1).to(x.dtype)
+            terms["density"] = ((bx - by).abs() * has_b + (mx - my).abs() * has_m).mean()
         if w["thickness"]:
             gp, gh = granulometry(p, self.thickness_radius), granulometry(h, self.thickness_radius)
             terms["thickness"] = (gp - gh).abs().sum(-1).mean()
