@@ -58,7 +58,7 @@ nothing, and reuses the trained models and SR volumes of ``WORK``.
 
 Trials: ``--bundle-args='--loss#threshold otsu_each'`` appends arguments to every ``monai.bundle
 run`` training; it needs ``--out`` and a ``--work`` of its own (a work folder trained with other
-arguments is refused) and exports nothing. ``--epochs-3d`` / ``--epochs-2p5d`` with ``--out`` and
+arguments or epochs is refused) and exports nothing. ``--epochs-3d`` / ``--epochs-2p5d`` with ``--out`` and
 a new ``--work`` try other training lengths.
 
 Trained models are kept in ``WORK`` (``benchmarks/results/work``, not committed): a rerun skips
@@ -221,7 +221,7 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
     """One training through ``monai.bundle run`` with the bundle's ``seed`` set to ``seed``
     (weight initialisation, patch sampling; `monai.utils.set_determinism`) and ``extra``
     arguments appended (``--bundle-args``); skipped when ``run_dir`` holds a finished one,
-    refused when that one was trained with other ``extra`` arguments."""
+    refused when that one was trained with other ``extra`` arguments or epochs."""
     from bone3d.engines import bundle_cli_args
 
     b = ROOT / "bundles" / bundle
