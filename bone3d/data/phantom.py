@@ -137,6 +137,10 @@ def _trabecular_distance(spec: PhantomSpec, rng) -> np.ndarray:
     return np.where(rod_region, d_rod, d_plate)
 
 
+# the periosteal ellipse's semi-axes as fractions of the box's x and y extents
+CORTEX_SEMI_AXES = (0.45, 0.40)
+
+
 def _cortex_masks(spec: PhantomSpec):
     """Elliptic cylinder along z: (inside of the endosteal surface, cortical shell)."""
     nx, ny, _ = spec.shape
@@ -144,7 +148,7 @@ def _cortex_masks(spec: PhantomSpec):
     x = (np.arange(nx) - (nx - 1) / 2) * sp
     y = (np.arange(ny) - (ny - 1) / 2) * sp
     xx, yy = np.meshgrid(x, y, indexing="ij")
-    ax, ay = 0.45 * nx * sp, 0.40 * ny * sp
+    ax, ay = CORTEX_SEMI_AXES[0] * nx * sp, CORTEX_SEMI_AXES[1] * ny * sp
     outer = (xx / ax) ** 2 + (yy / ay) ** 2 <= 1.0
     bx, by = ax - spec.ct_th_mm, ay - spec.ct_th_mm
     if bx <= 0 or by <= 0:

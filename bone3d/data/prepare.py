@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bone3d.data.datalist import split_by_specimen, write_datalist
-from bone3d.data.phantom import PhantomSpec, make_phantom
+from bone3d.data.phantom import CORTEX_SEMI_AXES, PhantomSpec, make_phantom
 from bone3d.data.simulate import crop_to_lr_field, degrade, get_preset
 from bone3d.errors import InputError
 from bone3d.io import read_volume, write_json, write_volume
@@ -74,8 +74,8 @@ def prepare(
 
     ``cortical`` (phantoms only): the last ``cortical`` phantoms get a porous cortical shell
     (`PhantomSpec` ``cortex=True``: an elliptic cylinder along z with semi-axes 0.45 and 0.40 of
-    the box, cortical thickness 0.3-0.6 mm, at most a third of the shorter semi-axis, and
-    5-29 closed pores, drawn per specimen). About 43 % of the box then lies outside the bone, as
+    the box, `bone3d.data.phantom.CORTEX_SEMI_AXES`; cortical thickness 0.3-0.6 mm, at most a
+    third of the shorter semi-axis, and 5-29 closed pores, drawn per specimen). About 43 % of the box then lies outside the bone, as
     in an ROI at the edge of a vertebral body. A model trained only on boxes full of trabeculae
     draws trabecula-like specks into the noise of such space (what the fidelity benchmark found
     on a validation donor with empty space; `benchmarks/fidelity.py`). The other phantoms are
@@ -186,7 +186,7 @@ def _with_cortex(spec: PhantomSpec, rng: np.random.Generator) -> PhantomSpec:
     nx, ny, _ = spec.shape
     # the shell's inner semi-axes are its outer ones (`bone3d.data.phantom`) minus Ct.Th: keep
     # two thirds of them for the trabeculae inside
-    room = min(0.45 * nx, 0.40 * ny) * spec.spacing_mm / 3
+    room = min(CORTEX_SEMI_AXES[0] * nx, CORTEX_SEMI_AXES[1] * ny) * spec.spacing_mm / 3
     ct_th = min(float(rng.uniform(0.3, 0.6)), room)
     return replace(spec, cortex=True, ct_th_mm=ct_th, n_pores=int(rng.integers(5, 30)))
 
