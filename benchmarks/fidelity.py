@@ -10,7 +10,8 @@ Data (HR at 50 um, 96^3 voxels = 4.8 mm cubes, mg HA/cm^3):
   to mg HA/cm^3 by its two IsoData class means (marrow 0, tissue 1000) and area-averaged to 50 um;
 * generated phantoms (`bone3d.data.phantom`), for more training variety: two trabecular ones
   filling their box, and two with a cortical shell and wide empty space outside it
-  (``--cortical-phantoms``; see `hr_volumes`).
+  (``--cortical-phantoms``; see `hr_volumes`). ``--sparse-phantoms K`` (a trial, 0 by default)
+  adds K low-density ones, most of their bone perforated away.
 
 Split by **donor**: test and validation volumes are whole BoneBox specimens (every ROI of a donor
 in one split), chosen with the seed; everything else trains. Each HR volume is degraded with each
@@ -106,10 +107,11 @@ def _centre_crop(a: np.ndarray, n: int) -> np.ndarray:
     return a[tuple(slice(max(o, 0), max(o, 0) + n) for o in lo)]
 
 
-def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0) -> list[dict]:
+def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0, n_sparse: int = 0) -> list[dict]:
     """Every HR volume: ``{"id", "donor", "source", "image"}`` (tio image, mg HA/cm^3, 50 um).
 
-    ``n_phantoms`` trabecular phantoms fill their whole box; ``n_cortical`` more
+    ``n_phantoms`` trabecular phantoms fill their whole box; ``n_sparse`` more (``sparse00``...)
+    do too, with most of their bone perforated away (`SPARSE_PERFORATION`); ``n_cortical`` more
     (``cortical00``...) are the corner of a wider phantom with a porous cortical shell
     (`bone3d.data.phantom`, ``cortex=True``): trabeculae, the shell and empty space outside it
     (about 40 % of the box farther than 0.75 mm from bone), as an ROI at the edge of a vertebral
@@ -160,7 +162,30 @@ def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0) -> list[dict]:
         corner = ph.image.data[0, :SIZE, :SIZE].numpy()
         out.append({"id": f"cortical{i:02d}", "donor": f"cortical{i:02d}",
                     "source": "phantom, cortical shell", "image": make_image(corner, spacing=sp)})  # fmt: skip
+    sparse = np.random.default_rng(
+        [seed, 31]
+    )  # its own stream: the volumes above stay as they were
+    for i in range(n_sparse):
+        ph = make_phantom(
+            shape=(SIZE,) * 3, spacing_mm=HR_MM, seed=seed * 1000 + 900 + i,
+            bv_tv=float(sparse.uniform(*SPARSE_BV_TV)),
+            tb_th_mm=float(sparse.uniform(0.12, 0.16)),
+            rod_fraction=float(sparse.uniform(0.5, 0.9)),
+            anisotropy=float(sparse.uniform(1.0, 1.6)),
+            perforation=float(sparse.uniform(*SPARSE_PERFORATION)),
+        )  # fmt: skip
+        out.append({"id": f"sparse{i:02d}", "donor": f"sparse{i:02d}",
+                    "source": "phantom, low density", "image": ph.image})  # fmt: skip
     return out
+
+
+# The low-density phantoms (``--sparse-phantoms``): a trabecular phantom with half to 70 % of its
+# bone perforated away (`bone3d.data.phantom`, ``perforation``), BV/TV about 0.03-0.08: down to the
+# BoneBox collection's minimum (0.041 over its 208 ROIs, ``roi_bvtv_all208.npy``; 5th percentile
+# 0.063) and below, as in the sparse sub-VOIs of a low-density ROI, where the other phantoms
+# (BV/TV 0.08-0.3) never go.
+SPARSE_BV_TV = (0.10, 0.16)
+SPARSE_PERFORATION = (0.5, 0.7)
 
 
 def donor_split(volumes: list[dict], n_test: int, n_val: int, seed: int) -> dict[str, list[str]]:
@@ -547,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         "--cortical-phantoms", type=_count, default=2,
         help="phantoms with a cortical shell and empty space outside it (training)",
     )  # fmt: skip
+    ap.add_argument(
+        "--sparse-phantoms", type=_count, default=0,
+        help="low-density trabecular phantoms: perforated, BV/TV about 0.03-0.08 (training)",
+    )  # fmt: skip
     ap.add_argument("--test", type=int, default=4, help="test donors (single-ROI BoneBox)")
     ap.add_argument(
         "--validation", type=int, default=2,
@@ -616,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     db = work / "mlruns.db"
     epochs = {"3d": args.epochs_3d, "2p5d": args.epochs_2p5d}
     _log("HR volumes")
-    volumes = hr_volumes(args.phantoms, args.seed, args.cortical_phantoms)
+    volumes = hr_volumes(args.phantoms, args.seed, args.cortical_phantoms, args.sparse_phantoms)
     split = donor_split(volumes, args.test, args.validation, args.seed)
     _log(f"split: test {split['test']}, validation {split['validation']}, "
          f"{len(split['training'])} training volumes")  # fmt: skip
@@ -692,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
         timing[deg] = round(time.perf_counter() - t_deg, 1)
         configs[deg] = {"models": args.models, "variants": args.variants, "loss": args.loss,
                         "epochs": epochs, "phantoms": args.phantoms,
-                        "cortical_phantoms": args.cortical_phantoms, "seed": args.seed,
+                        "cortical_phantoms": args.cortical_phantoms,
+                        "sparse_phantoms": args.sparse_phantoms, "seed": args.seed,
                         "train_seeds": args.train_seeds,
                         "self_ensemble": args.self_ensemble,
                         "bundle_args": args.bundle_args}  # fmt: skip

@@ -41,6 +41,7 @@ def cmd_phantom(args) -> int:
         cortex=args.cortex,
         ct_th_mm=args.ct_th,
         n_pores=args.pores,
+        perforation=args.perforation,
         seed=args.seed,
     )
     ph = make_phantom(spec)
@@ -606,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cortex", action="store_true", help="add a cortical shell")
     p.add_argument("--ct-th", type=float, default=0.4, help="cortical thickness in mm")
     p.add_argument("--pores", type=_positive_int, default=0, help="closed cortical pores")
+    p.add_argument(
+        "--perforation", type=float, default=0.0,
+        help="bone loss: the fraction (0-1) of the trabecular bone cut away in smooth patches, "
+        "leaving perforated plates and broken rods (osteoporotic bone); BV/TV then ends at "
+        "about (1 - perforation) x --bv-tv",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_phantom)
 

@@ -208,6 +208,30 @@ def test_cortical_phantoms_add_wide_bone_free_space_to_training_only():
     assert "cortical00" in split["training"]
 
 
+@pytest.mark.realdata
+def test_sparse_phantoms_add_low_density_bone_to_training_only():
+    """The perforated phantoms bring the low BV/TV that the training ROIs lack (below the BoneBox
+    collection's minimum ROI BV/TV, 0.041, for one of these draws); they always train, and
+    adding them leaves the other volumes and the test/validation split as they were."""
+    from bone3d.evaluation.report import voi_morphometry
+
+    fid = _fidelity()
+    base = fid.hr_volumes(1, 0, 1)
+    more = fid.hr_volumes(1, 0, 1, 2)
+    assert [v["id"] for v in more] == [v["id"] for v in base] + ["sparse00", "sparse01"]
+    for a, b in zip(base, more[: len(base)], strict=True):
+        assert np.array_equal(a["image"].data.numpy(), b["image"].data.numpy())
+    bv = []
+    for v in more[-2:]:
+        grey = v["image"].data[0].numpy()
+        voi = np.ones(grey.shape, bool)
+        bv.append(voi_morphometry(grey, (fid.HR_MM,) * 3, voi, "isodata")["bv_tv"])
+    assert all(0.03 < b < 0.08 for b in bv) and min(bv) < 0.041
+    split = fid.donor_split(more, 4, 2, 0)
+    assert split == fid.donor_split(base, 4, 2, 0) | {"training": split["training"]}
+    assert {"sparse00", "sparse01"} <= set(split["training"])
+
+
 def test_phantom_counts_must_not_be_negative():
     """A negative --phantoms / --cortical-phantoms is refused (argparse: one line, exit 2)
     instead of silently training on none."""

@@ -82,7 +82,30 @@ def test_cortex_has_the_requested_closed_pores():
     assert len(enclosed) == 5
 
 
+def test_perforation_removes_that_fraction_cuts_connections_and_keeps_thickness():
+    """Bone loss by perforation: the same network (same seed) minus the stated fraction of its
+    bone, no voxel added; what is left has about the same Tb.Th, wider Tb.Sp and under half the
+    Conn.D (plates and rods cut through, as in osteoporotic bone)."""
+    from bone3d.morphometry import morphometry
+
+    whole = make_phantom(**SMALL, bv_tv=0.15, seed=3).truth.data[0].numpy().astype(bool)
+    lost = make_phantom(**SMALL, bv_tv=0.15, seed=3, perforation=0.6)
+    bone = lost.truth.data[0].numpy().astype(bool)
+    assert not (bone & ~whole).any()
+    assert bone.sum() / whole.sum() == pytest.approx(0.4, abs=0.01)
+    assert lost.info["bv_tv_trabecular"] == pytest.approx(0.06, abs=0.002)
+    metrics = ["bv_tv", "tb_th", "tb_sp", "connectivity"]
+    before, after = (morphometry(b, (0.05,) * 3, metrics=metrics) for b in (whole, bone))
+    assert after["tb_th_mm"] == pytest.approx(before["tb_th_mm"], rel=0.1)
+    assert after["tb_sp_mm"] > 1.3 * before["tb_sp_mm"]
+    assert after["conn_d_per_mm3"] < 0.5 * before["conn_d_per_mm3"]
+
+
 def test_bad_spec_is_refused():
+    with pytest.raises(InputError, match="perforation"):
+        make_phantom(**SMALL, perforation=1.0)
+    with pytest.raises(InputError, match="perforation_mm"):
+        make_phantom(**SMALL, perforation=0.5, perforation_mm=0.0)
     with pytest.raises(InputError, match="bv_tv"):
         make_phantom(**SMALL, bv_tv=0.9)
     with pytest.raises(InputError, match="tb_th_mm"):

@@ -127,6 +127,20 @@ def test_phantom_and_simulate_cli(tmp_path):
         text=True,
     )
     assert res.returncode == 0, res.stderr
+    lost = tmp_path / "lost.nii.gz"
+    res = subprocess.run(
+        [*cmd, "phantom", "-o", str(lost), "--shape", "40", "40", "40", "--seed", "3",
+         "--perforation", "0.5"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "BV/TV 0.075" in res.stdout  # half of the default 0.15 cut away
+    res = subprocess.run(
+        [*cmd, "phantom", "-o", str(tmp_path / "x.nii.gz"), "--perforation", "1.2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2 and "perforation" in res.stderr
+    assert not (tmp_path / "x.nii.gz").exists()
     res = subprocess.run(
         [*cmd, "simulate", str(hr), "--preset", "mdct", "-o", str(lr), "--misalign"],
         capture_output=True,
