@@ -107,16 +107,26 @@ def _centre_crop(a: np.ndarray, n: int) -> np.ndarray:
     return a[tuple(slice(max(o, 0), max(o, 0) + n) for o in lo)]
 
 
+# The low-density phantoms (``--sparse-phantoms``): a trabecular phantom with half to 70 % of its
+# bone perforated away (`bone3d.data.phantom`, ``perforation``), BV/TV about 0.03-0.08: down to the
+# BoneBox collection's minimum (0.041 over its 208 ROIs, ``roi_bvtv_all208.npy``; 5th percentile
+# 0.063) and below, as in the sparse sub-VOIs of a low-density ROI, where the other phantoms
+# (BV/TV 0.08-0.3) never go.
+SPARSE_BV_TV = (0.10, 0.16)
+SPARSE_PERFORATION = (0.5, 0.7)
+
+
 def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0, n_sparse: int = 0) -> list[dict]:
     """Every HR volume: ``{"id", "donor", "source", "image"}`` (tio image, mg HA/cm^3, 50 um).
 
-    ``n_phantoms`` trabecular phantoms fill their whole box; ``n_sparse`` more (``sparse00``...)
-    do too, with most of their bone perforated away (`SPARSE_PERFORATION`); ``n_cortical`` more
+    ``n_phantoms`` trabecular phantoms fill their whole box; ``n_cortical`` more
     (``cortical00``...) are the corner of a wider phantom with a porous cortical shell
     (`bone3d.data.phantom`, ``cortex=True``): trabeculae, the shell and empty space outside it
     (about 40 % of the box farther than 0.75 mm from bone), as an ROI at the edge of a vertebral
     body. Besides one BoneBox ROI, they are the only training volumes with wide bone-free space,
-    where a model that never saw any draws trabeculae into the noise."""
+    where a model that never saw any draws trabeculae into the noise. Last, ``n_sparse``
+    (``sparse00``...) fill their box too, with most of their bone perforated away
+    (`SPARSE_PERFORATION`)."""
     from bone3d.data.phantom import PhantomSpec, make_phantom, render_grey
     from bone3d.data.prepare import two_class_means
     from bone3d.data.simulate import area_resample
@@ -162,9 +172,8 @@ def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0, n_sparse: int = 
         corner = ph.image.data[0, :SIZE, :SIZE].numpy()
         out.append({"id": f"cortical{i:02d}", "donor": f"cortical{i:02d}",
                     "source": "phantom, cortical shell", "image": make_image(corner, spacing=sp)})  # fmt: skip
-    sparse = np.random.default_rng(
-        [seed, 31]
-    )  # its own stream: the volumes above stay as they were
+    # the low-density phantoms draw from a stream of their own: the volumes above stay as they were
+    sparse = np.random.default_rng([seed, 31])
     for i in range(n_sparse):
         ph = make_phantom(
             shape=(SIZE,) * 3, spacing_mm=HR_MM, seed=seed * 1000 + 900 + i,
@@ -177,15 +186,6 @@ def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0, n_sparse: int = 
         out.append({"id": f"sparse{i:02d}", "donor": f"sparse{i:02d}",
                     "source": "phantom, low density", "image": ph.image})  # fmt: skip
     return out
-
-
-# The low-density phantoms (``--sparse-phantoms``): a trabecular phantom with half to 70 % of its
-# bone perforated away (`bone3d.data.phantom`, ``perforation``), BV/TV about 0.03-0.08: down to the
-# BoneBox collection's minimum (0.041 over its 208 ROIs, ``roi_bvtv_all208.npy``; 5th percentile
-# 0.063) and below, as in the sparse sub-VOIs of a low-density ROI, where the other phantoms
-# (BV/TV 0.08-0.3) never go.
-SPARSE_BV_TV = (0.10, 0.16)
-SPARSE_PERFORATION = (0.5, 0.7)
 
 
 def donor_split(volumes: list[dict], n_test: int, n_val: int, seed: int) -> dict[str, list[str]]:

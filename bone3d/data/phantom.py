@@ -22,10 +22,10 @@ and turns rod-like while its spacing grows (Parfitt 1992, Bone 13 Suppl 1:S41; H
 BV/TV 0.08 a 4.8 mm box holds a few wide curved sheets, which no real low-density bone looks like.
 
 The half-thickness ``h`` is finally chosen by a quantile so that BV/TV equals the target exactly
-(in voxels, before any perforation); the field correlation length is set from the target thickness and BV/TV by the
-stereological relation BV/TV ~= S_V * Tb.Th with S_V = 2/(pi * l) for the zero set of a Gaussian
-field with Gaussian covariance of length l (Rice formula; P_L = 1/(pi l), S_V = 2 P_L), so the
-realised thickness lands near the requested one.
+(in voxels, before any perforation); the field correlation length is set from the target
+thickness and BV/TV by the stereological relation BV/TV ~= S_V * Tb.Th with S_V = 2/(pi * l)
+for the zero set of a Gaussian field with Gaussian covariance of length l (Rice formula;
+P_L = 1/(pi l), S_V = 2 P_L), so the realised thickness lands near the requested one.
 
 Grey values imitate calibrated micro-CT in mg HA/cm^3: marrow ~0, bone tissue ~1000 (a typical
 tissue mineral density), a Gaussian partial-volume blur of ``pv_sigma_vox`` voxels and additive
