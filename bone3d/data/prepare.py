@@ -75,11 +75,12 @@ def prepare(
     ``cortical`` (phantoms only): the last ``cortical`` phantoms get a porous cortical shell
     (`PhantomSpec` ``cortex=True``: an elliptic cylinder along z with semi-axes 0.45 and 0.40 of
     the box, `bone3d.data.phantom.CORTEX_SEMI_AXES`; cortical thickness 0.3-0.6 mm, at most a
-    third of the shorter semi-axis, and 5-29 closed pores, drawn per specimen). About 43 % of the box then lies outside the bone, as
-    in an ROI at the edge of a vertebral body. A model trained only on boxes full of trabeculae
-    draws trabecula-like specks into the noise of such space (what the fidelity benchmark found
-    on a validation donor with empty space; `benchmarks/fidelity.py`). The other phantoms are
-    the same as without ``cortical`` (their draws are unchanged).
+    third of the shorter semi-axis, and 5-29 closed pores, drawn per specimen). About 43 % of the
+    box then lies outside the bone, as in an ROI at the edge of a vertebral body. A model trained
+    only on boxes full of trabeculae draws trabecula-like specks into the noise of such space
+    (what the fidelity benchmark found on a validation donor with empty space;
+    `benchmarks/fidelity.py`). The other phantoms are the same as without ``cortical`` (their
+    draws are unchanged).
 
     ``psf_jitter`` (simulated pairs): each specimen's PSF FWHM is the preset's times a factor
     drawn uniformly in ``[1 - j, 1 + j]`` per axis (seeded by specimen), so the blur varies over
