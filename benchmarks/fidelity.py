@@ -510,7 +510,7 @@ def print_table(deg: str, s: dict[str, dict]) -> None:
 def machine() -> str:
     """Cores, CPU model and the SIMD level of PyTorch's CPU kernels: seeded trainings repeat to
     the last digit on one machine, not across machines (kernels of another level can round
-    differently, and training amplifies that; README, Results)."""
+    differently, and training amplifies that; benchmarks/results/README.md)."""
     import platform
 
     import torch

@@ -390,7 +390,7 @@ class MorphometryWarmup:
     the intensity mapping; the morphometric terms are taken on soft masks of the output, which
     mean little before it is bone-like. From a random start they stalled or derailed
     post-upsampling nets and GANs in the fidelity benchmark; pre-training on half the run
-    improved the U-Net 3D on both presets there (README, Results). The factor is a function of
+    improved the U-Net 3D on both presets there (benchmarks/results/README.md). The factor is a function of
     ``engine.state`` ``iteration``, ``max_epochs`` and ``epoch_length`` alone, which a resumed
     run restores, so it continues the same schedule.
     """
