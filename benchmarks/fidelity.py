@@ -57,6 +57,13 @@ particle, enclosed marrow filled; BoneJ's Connectivity asks for one particle). I
 ``benchmarks/results/fidelity_purified.json`` and MLflow metrics ``fid_purified_*``, exports
 nothing, and reuses the trained models and SR volumes of ``WORK``.
 
+``--threshold volume`` and ``--threshold 500`` rescorings (sensitivity checks of the
+segmentation, HR and every method alike): IsoData computed once per volume instead of inside
+each sub-VOI, or one fixed grey value in mg HA/cm^3 for every volume (Scanco's convention). A
+threshold computed inside a sparse sub-VOI follows whatever grey values are there, blur
+included; a fixed one does not. Each writes ``fidelity_thr_<value>.json`` and MLflow metrics
+``fid_thr_<value>_*``, exports nothing, and reuses the trained models and SR volumes.
+
 Trials: ``--bundle-args='--loss#threshold otsu_each'`` appends arguments to every ``monai.bundle
 run`` training; it needs ``--out`` and a ``--work`` of its own (a work folder trained with other
 arguments or epochs is refused) and exports nothing. ``--epochs-3d`` / ``--epochs-2p5d`` with ``--out`` and
@@ -325,16 +332,31 @@ def scored_shape(hr_shape) -> tuple[int, ...]:
 
 
 def score_volume(
-    vols: dict[str, np.ndarray], hr: np.ndarray, *, purify: bool = False
+    vols: dict[str, np.ndarray],
+    hr: np.ndarray,
+    *,
+    purify: bool = False,
+    threshold: str | float = "voi",
 ) -> list[dict]:
     """PSNR/SSIM per method and morphometry per sub-VOI for methods and HR, all on the region
     ``scored_shape(hr.shape)``; sub-VOIs without bone in HR are left out (`bone3d evaluate`'s
     rule, `bone3d.evaluation.report.bone_blocks`: the validation ROI of donor 07131 reaches
     past the trabecular bone into empty space); ``purify``: each sub-VOI's bone purified first
-    (BoneJ Purify, HR and every method alike)."""
+    (BoneJ Purify, HR and every method alike).
+
+    ``threshold`` (HR and every method alike): ``"voi"`` (the headline protocol) ImageJ IsoData
+    computed inside each sub-VOI, as BoneJ measures an ROI cut out of the stack; ``"volume"``
+    IsoData computed once over each volume's scored region, then applied in every sub-VOI
+    (threshold the stack, then measure its ROIs); a number: that fixed grey value in mg HA/cm^3
+    for every volume, Scanco's convention of one density threshold for all scans of a study
+    (Bouxsein et al. 2010, JBMR 25:1468), meaningful here because SR and the least-squares
+    scaled LR are in HR's units."""
     from bone3d.evaluation.image import psnr, ssim
     from bone3d.evaluation.report import bone_blocks, voi_morphometry
+    from bone3d.morphometry.thresholds import threshold_value
 
+    if isinstance(threshold, str) and threshold not in ("voi", "volume"):
+        raise ValueError(f"threshold: 'voi', 'volume' or a number (mg HA/cm^3), not {threshold!r}")
     shape = scored_shape(hr.shape)
     for name, v in vols.items():
         if any(a < b for a, b in zip(v.shape, shape, strict=True)):
@@ -347,8 +369,14 @@ def score_volume(
     for name, v in {**vols, "HR": hr}.items():
         v = v[cut]
         img = {} if name == "HR" else {"psnr_db": psnr(v, hr, rng), "ssim": ssim(v, hr, rng)}
+        if threshold == "voi":
+            t = "isodata"  # computed by voi_morphometry inside each sub-VOI
+        elif threshold == "volume":
+            t = threshold_value(v, "isodata")
+        else:
+            t = float(threshold)
         for bname, voi in blocks.items():
-            m = voi_morphometry(v, (HR_MM,) * 3, voi, "isodata", purify=purify)
+            m = voi_morphometry(v, (HR_MM,) * 3, voi, t, purify=purify)
             rows.append({"method": name, "voi": bname, **img, **m})
     return rows
 
@@ -549,6 +577,33 @@ def export_best(info: dict, target: Path, ensemble: bool) -> Path:
 # --- main -----------------------------------------------------------------------------------
 
 
+SEGMENTATION = {
+    "voi": "ImageJ IsoData computed inside each sub-VOI, for each method and HR",
+    "volume": "ImageJ IsoData computed once over each volume's scored region, for each method "
+    "and HR, applied in every sub-VOI",
+}
+
+
+def _threshold_name(threshold: str | float) -> str:
+    """``voi``, ``volume`` or the fixed value without a trailing ``.0`` (file and metric names)."""
+    return threshold if isinstance(threshold, str) else f"{threshold:g}"
+
+
+def _threshold(text: str) -> str | float:
+    """``--threshold``: ``voi``, ``volume`` or a finite grey value in mg HA/cm^3."""
+    if text in ("voi", "volume"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'voi', 'volume' or a number in mg HA/cm^3, not {text!r}"
+        ) from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"a fixed threshold must be finite, not {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     """argparse type: a whole number >= 0 (argparse prints the message and exits 2)."""
     n = int(text)
@@ -605,6 +660,15 @@ def main(argv: list[str] | None = None) -> int:
         "fid_purified_*, and exports nothing",
     )  # fmt: skip
     ap.add_argument(
+        "--threshold", type=_threshold, default="voi", metavar="{voi,volume,MGHA}",
+        help="sensitivity protocol for the segmentation (HR and every method): voi (default, "
+        "the headline) IsoData inside each sub-VOI; volume: IsoData over each volume's scored "
+        "region; a number: that fixed grey value in mg HA/cm^3 (Scanco's convention; the "
+        "phantom intensity model puts marrow at 0 and bone tissue at 1000). Other than voi: "
+        "writes fidelity_thr_<value>.json unless --out is given, MLflow metrics "
+        "fid_thr_<value>_*, and exports nothing",
+    )  # fmt: skip
+    ap.add_argument(
         "--merge", action="store_true",
         help="keep the degradations of an existing --out file that this run does not redo",
     )  # fmt: skip
@@ -622,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
     suffix = (
         ("_purified" if args.purify else "")
+        + ("" if args.threshold == "voi" else f"_thr_{_threshold_name(args.threshold)}")
         + ("" if args.self_ensemble else "_single_pass")
         + ("_seeds" if len(args.train_seeds) > 1 else "")
     )
@@ -699,7 +764,9 @@ def main(argv: list[str] | None = None) -> int:
                 infer(info["bundle"], info["variant"], info["checkpoint"], item["image"], out,
                       out.parent / "infer.log", args.self_ensemble)  # fmt: skip
                 vols[_run_key(info)] = read_volume(out).data[0].numpy().astype(np.float32)
-            for r in score_volume(vols, h.astype(np.float32), purify=args.purify):
+            scores = score_volume(vols, h.astype(np.float32), purify=args.purify,
+                                  threshold=args.threshold)  # fmt: skip
+            for r in scores:
                 deg_rows.append(
                     {"degradation": deg, "split": part, "specimen": item["specimen"], **r}
                 )  # fmt: skip
@@ -787,7 +854,11 @@ def main(argv: list[str] | None = None) -> int:
             },
             "scored_region": f"first (n // {SCORE_MULTIPLE}) * {SCORE_MULTIPLE} HR voxels per axis, "
             "the same for every method",
-            "segmentation": "ImageJ IsoData per volume, inside each sub-VOI"
+            "segmentation": SEGMENTATION.get(
+                args.threshold,
+                f"a fixed threshold of {_threshold_name(args.threshold)} mg "
+                "HA/cm^3 for every method and HR (Scanco's convention)",
+            )
             + ("; then BoneJ Purify of each sub-VOI's bone" if args.purify else ""),
             "inference": "bone3d infer"
             + (" --self-ensemble (mean over the mirrored inputs)" if args.self_ensemble else ""),
