@@ -27,9 +27,10 @@ monai.bundle run`` with its own loss and with ``common/morphometry_loss_base.jso
 
 Scores on the test and validation volumes, all on one region fixed by the data (``scored_shape``: 88^3): PSNR
 and SSIM (3D, MONAI, data range = the HR window width), and per 44^3 sub-VOI (8 per volume)
-BV/TV, Tb.Th, Tb.Sp, Tb.N, Conn.D, DA, each volume segmented by
-its own ImageJ IsoData threshold inside the VOI (`bone3d.evaluation.report.voi_morphometry`,
-BoneJ conventions; sub-VOIs without bone in HR left out, `bone3d.evaluation.report.bone_blocks`):
+BV/TV, Tb.Th, Tb.Sp, Tb.N, Conn.D, DA, each volume (HR and every method) segmented by its
+own ImageJ IsoData threshold computed once over the scored region, as `bone3d evaluate` does
+(`bone3d.evaluation.report.voi_morphometry`, BoneJ conventions; sub-VOIs without bone in HR left
+out, `bone3d.evaluation.report.bone_blocks`):
 mean absolute relative error vs HR, Pearson R and ICC(2,1) across the VOIs of each split
 (`bone3d.evaluation.stats.agreement`). LR rows are listed for comparison.
 
@@ -57,12 +58,13 @@ particle, enclosed marrow filled; BoneJ's Connectivity asks for one particle). I
 ``benchmarks/results/fidelity_purified.json`` and MLflow metrics ``fid_purified_*``, exports
 nothing, and reuses the trained models and SR volumes of ``WORK``.
 
-``--threshold volume`` and ``--threshold 500`` rescorings (sensitivity checks of the
-segmentation, HR and every method alike): IsoData computed once per volume instead of inside
-each sub-VOI, or one fixed grey value in mg HA/cm^3 for every volume (Scanco's convention). A
-threshold computed inside a sparse sub-VOI follows whatever grey values are there, blur
-included; a fixed one does not. Each writes ``fidelity_thr_<value>.json`` and MLflow metrics
-``fid_thr_<value>_*``, exports nothing, and reuses the trained models and SR volumes.
+``--threshold voi`` and ``--threshold 500`` rescorings (sensitivity checks of the
+segmentation, HR and every method alike): IsoData computed inside each sub-VOI instead of once
+per volume, or one fixed grey value in mg HA/cm^3 for every volume (Scanco's convention). A
+threshold computed inside a sparse sub-VOI follows whatever grey values are there, blur and
+noise included; one per volume or a fixed one does not. Each writes
+``fidelity_thr_<value>.json`` and MLflow metrics ``fid_thr_<value>_*``, exports nothing, and
+reuses the trained models and SR volumes.
 
 Trials: ``--bundle-args='--loss#threshold otsu_each'`` appends arguments to every ``monai.bundle
 run`` training; it needs ``--out`` and a ``--work`` of its own (a work folder trained with other
@@ -336,7 +338,7 @@ def score_volume(
     hr: np.ndarray,
     *,
     purify: bool = False,
-    threshold: str | float = "voi",
+    threshold: str | float = "volume",
 ) -> list[dict]:
     """PSNR/SSIM per method and morphometry per sub-VOI for methods and HR, all on the region
     ``scored_shape(hr.shape)``; sub-VOIs without bone in HR are left out (`bone3d evaluate`'s
@@ -344,10 +346,11 @@ def score_volume(
     past the trabecular bone into empty space); ``purify``: each sub-VOI's bone purified first
     (BoneJ Purify, HR and every method alike).
 
-    ``threshold`` (HR and every method alike): ``"voi"`` (the headline protocol) ImageJ IsoData
-    computed inside each sub-VOI, as BoneJ measures an ROI cut out of the stack; ``"volume"``
-    IsoData computed once over each volume's scored region, then applied in every sub-VOI
-    (threshold the stack, then measure its ROIs); a number: that fixed grey value in mg HA/cm^3
+    ``threshold`` (HR and every method alike): ``"volume"`` (the headline protocol, as `bone3d
+    evaluate` segments a scan) ImageJ IsoData computed once over each volume's scored region,
+    then applied in every sub-VOI; ``"voi"`` IsoData computed inside each sub-VOI, a local
+    threshold that in a sparse sub-VOI follows an output's blur or LR's noise into the marrow
+    (the protocol until 2026-11-23); a number: that fixed grey value in mg HA/cm^3
     for every volume, Scanco's convention of one density threshold for all scans of a study
     (Bouxsein et al. 2010, JBMR 25:1468), meaningful here because SR and the least-squares
     scaled LR are in HR's units."""
@@ -660,13 +663,13 @@ def main(argv: list[str] | None = None) -> int:
         "fid_purified_*, and exports nothing",
     )  # fmt: skip
     ap.add_argument(
-        "--threshold", type=_threshold, default="voi", metavar="{voi,volume,MGHA}",
-        help="sensitivity protocol for the segmentation (HR and every method): voi (default, "
-        "the headline) IsoData inside each sub-VOI; volume: IsoData over each volume's scored "
-        "region; a number: that fixed grey value in mg HA/cm^3 (Scanco's convention; the "
-        "phantom intensity model puts marrow at 0 and bone tissue at 1000). Other than voi: "
-        "writes fidelity_thr_<value>.json unless --out is given, MLflow metrics "
-        "fid_thr_<value>_*, and exports nothing",
+        "--threshold", type=_threshold, default="volume", metavar="{volume,voi,MGHA}",
+        help="segmentation (HR and every method): volume (default, the headline) IsoData "
+        "computed once over each volume's scored region; voi: IsoData computed inside each "
+        "sub-VOI; a number: that fixed grey value in mg HA/cm^3 (Scanco's convention; the "
+        "phantom intensity model puts marrow at 0 and bone tissue at 1000). Other than "
+        "volume, a sensitivity protocol: writes fidelity_thr_<value>.json unless --out is "
+        "given, MLflow metrics fid_thr_<value>_*, and exports nothing",
     )  # fmt: skip
     ap.add_argument(
         "--merge", action="store_true",
@@ -686,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
     suffix = (
         ("_purified" if args.purify else "")
-        + ("" if args.threshold == "voi" else f"_thr_{_threshold_name(args.threshold)}")
+        + ("" if args.threshold == "volume" else f"_thr_{_threshold_name(args.threshold)}")
         + ("" if args.self_ensemble else "_single_pass")
         + ("_seeds" if len(args.train_seeds) > 1 else "")
     )

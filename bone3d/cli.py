@@ -159,6 +159,14 @@ def cmd_register(args) -> int:
     return 0
 
 
+def _number_or_name(text: str) -> str | float:
+    """A threshold given on the command line: a number (a fixed grey value) or a method name."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def cmd_evaluate(args) -> int:
     from bone3d.evaluation.report import evaluate
     from bone3d.io import read_volume
@@ -182,7 +190,8 @@ def cmd_evaluate(args) -> int:
         mask=mask,
         cancellous=canc,
         data_range=data_range,
-        threshold=args.threshold,
+        threshold=_number_or_name(args.threshold),
+        threshold_scope=args.threshold_scope,
         split=args.split,
         name=args.name,
         tracking_uri=args.tracking_uri,
@@ -680,7 +689,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--data-range", type=float, help="L for PSNR/SSIM (default: HR range in VOI)")
     p.add_argument("--datalist", help="take the data range from this datalist's hr_range")
-    p.add_argument("--threshold", default="isodata", help="global threshold per volume")
+    p.add_argument(
+        "--threshold", default="isodata", help="isodata (ImageJ), otsu or a number (HR units)"
+    )
+    p.add_argument(
+        "--threshold-scope",
+        choices=["volume", "voi"],
+        default="volume",
+        help="volume: one threshold per volume over the VOI, applied in every sub-VOI (as a scan "
+        "is segmented); voi: computed inside each sub-VOI",
+    )
     p.add_argument("--split", type=int, default=2, help="sub-VOIs per axis for agreement (2)")
     p.add_argument("--name", default="SR", help="method name in tables and MLflow")
     p.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. sqlite:///mlruns.db")

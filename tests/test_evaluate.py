@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -253,3 +254,42 @@ def test_cli_evaluate_with_all_slice_axes(report, tmp_path, capsys):
     block = saved["image_metrics"]["SR"]["voi"]
     assert {"slices_axial", "slices_coronal", "slices_sagittal"} <= set(block)
     assert block["slices_coronal"]["psnr_db"]["n"] == hr.spatial_shape[1]
+
+
+def test_threshold_is_computed_once_per_volume_unless_asked_per_sub_voi(tmp_path):
+    """A sparse sub-VOI where SR holds a faint blob (mid-grey blur) beside dense bone: with one
+    threshold per volume (the default, as a scan is segmented) the blob stays marrow and every
+    sub-VOI of a method shares its threshold; computed inside each sub-VOI the threshold drops
+    into the blur there and segments it as bone."""
+    a = make_phantom(shape=(48, 48, 48), spacing_mm=0.05, bv_tv=0.2, seed=7).image
+    hr_a = a.data[0].numpy().copy()
+    rng = np.random.default_rng(0)
+    sparse = rng.normal(0, 20, (24, 24, 24)).astype(np.float32)
+    sparse[4:7, :, 6:9] = 1000.0  # a rod: 1.6 % bone, so the sub-VOI is scored
+    hr_a[24:, 24:, 24:] = sparse
+    sr_a = hr_a.copy()
+    sr_a[32:40, 32:40, 32:40] += 400.0  # the blob, 40 % of the way from marrow to bone
+
+    def image(x):
+        return tio.ScalarImage(tensor=torch.from_numpy(x[None]), affine=a.affine)
+
+    def block(scope):
+        res = evaluate(image(sr_a), image(hr_a), tmp_path / scope, threshold_scope=scope)
+        rows = {}
+        with open(tmp_path / scope / "voi_metrics.csv") as f:
+            for r in csv.DictReader(f):
+                rows[(r["voi"], r["method"])] = r
+        return res, rows
+
+    res, rows = block("volume")
+    assert res["threshold_scope"] == "volume" and "once per volume" in res["threshold"]
+    for m in ("SR", "HR"):
+        assert len({rows[k]["threshold"] for k in rows if k[1] == m}) == 1
+    truth = float(rows[("block_111", "HR")]["bv_tv"])
+    assert truth == pytest.approx(216 / 24**3, rel=0.05)
+    assert float(rows[("block_111", "SR")]["bv_tv"]) == pytest.approx(truth, rel=0.05)
+    _, local = block("voi")
+    assert float(local[("block_111", "SR")]["bv_tv"]) > truth + 0.03
+    assert float(local[("block_111", "SR")]["threshold"]) < 400
+    with pytest.raises(InputError, match="threshold_scope"):
+        evaluate(image(sr_a), image(hr_a), tmp_path / "x", threshold_scope="slice")

@@ -8,9 +8,12 @@ What is computed, with its conventions:
   line ``a * LR + b`` over the VOI (HU and mg HA/cm^3 are linear in density), so its PSNR/SSIM
   measure structure, not units; ``a`` and ``b`` are reported.
 * **Morphometry** (`bone3d.morphometry`, BoneJ conventions): each volume is segmented with its own
-  global threshold (ImageJ IsoData by default), as a researcher segments each scan, and measured
-  in the whole VOI and in ``split^3`` sub-VOIs (the VOI's bounding box cut into equal blocks, each
-  intersected with the VOI), which give the points for agreement statistics within one specimen.
+  global threshold (ImageJ IsoData by default), computed once over the VOI as a researcher
+  segments each scan, and measured in the whole VOI and in ``split^3`` sub-VOIs (the VOI's
+  bounding box cut into equal blocks, each intersected with the VOI), which give the points for
+  agreement statistics within one specimen. ``threshold_scope="voi"`` computes the threshold
+  inside each sub-VOI instead: a local threshold, which in a sparse sub-VOI follows whatever
+  grey values are there (an unsure output's blur, an LR scan's noise) and segments them as bone.
   A sub-VOI in which HR holds no bone (`bone_blocks`: under 1 % bone at HR's threshold over the
   whole VOI) is left out for every method and listed in ``blocks_without_bone``.
 * **Agreement** (`bone3d.evaluation.stats.agreement`) of SR vs HR and LR vs HR across sub-VOIs,
@@ -307,7 +310,8 @@ def evaluate(
     mask: tio.Image | None = None,
     cancellous: tio.Image | None = None,
     data_range: float | None = None,
-    threshold: str = "isodata",
+    threshold: str | float = "isodata",
+    threshold_scope: str = "volume",
     split: int = 2,
     name: str = "SR",
     tracking_uri: str | None = None,
@@ -323,6 +327,8 @@ def evaluate(
     """
     if "axial" not in slice_axes:
         raise InputError("slice_axes", "must include 'axial'")
+    if threshold_scope not in ("volume", "voi"):
+        raise InputError("threshold_scope", f"'volume' or 'voi', not {threshold_scope!r}")
     t0 = time.perf_counter()
     for img, label in ((pred, "pred"), (hr, "hr")):
         check_image(img, label)
@@ -389,10 +395,19 @@ def evaluate(
     per_voi = {}
     from tqdm import tqdm
 
+    from bone3d.morphometry.thresholds import threshold_value
+
+    # one threshold per volume, over the VOI (the whole-VOI row is segmented by the same value)
+    level = {
+        m: threshold_value(vols[m], threshold, mask=region)
+        if threshold_scope == "volume"
+        else threshold
+        for m in methods
+    }
     vois = [("voi", region), *blocks.items()]
     for voi_name, voi in tqdm(vois, desc="morphometry", unit="VOI", disable=None):
         for m in methods:
-            vals = voi_morphometry(vols[m], spacing, voi, threshold)
+            vals = voi_morphometry(vols[m], spacing, voi, level[m])
             rows.append({"voi": voi_name, "method": m, **vals})
             if voi_name == "voi":
                 per_voi[m] = vals
@@ -413,7 +428,13 @@ def evaluate(
         "methods": methods,
         "spacing_mm": list(spacing),
         "data_range": float(data_range),
-        "threshold": f"{threshold}, per volume (each method segmented by its own threshold)",
+        "threshold": f"{threshold}, "
+        + (
+            "computed once per volume over the VOI (each method its own), applied in every sub-VOI"
+            if threshold_scope == "volume"
+            else "computed inside each sub-VOI, for each method"
+        ),
+        "threshold_scope": threshold_scope,
         "lr_calibration": calib,
         "lr_calibration_note": None
         if calib is None
