@@ -390,9 +390,9 @@ class MorphometryWarmup:
     the intensity mapping; the morphometric terms are taken on soft masks of the output, which
     mean little before it is bone-like. From a random start they stalled or derailed
     post-upsampling nets and GANs in the fidelity benchmark; pre-training on half the run
-    improved the U-Net 3D on both presets there (benchmarks/results/README.md). The factor is a function of
-    ``engine.state`` ``iteration``, ``max_epochs`` and ``epoch_length`` alone, which a resumed
-    run restores, so it continues the same schedule.
+    improved the U-Net 3D on both presets there (benchmarks/results/README.md). The factor is a
+    function of ``engine.state`` ``iteration``, ``max_epochs`` and ``epoch_length`` alone, which
+    a resumed run restores, so it continues the same schedule.
     """
 
     def __init__(self, loss: MorphometryLoss, iterations: int, pretrain: float = 0.0):
