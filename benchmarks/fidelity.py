@@ -355,8 +355,7 @@ def score_volume(
     (Bouxsein et al. 2010, JBMR 25:1468), meaningful here because SR and the least-squares
     scaled LR are in HR's units."""
     from bone3d.evaluation.image import psnr, ssim
-    from bone3d.evaluation.report import bone_blocks, voi_morphometry
-    from bone3d.morphometry.thresholds import threshold_value
+    from bone3d.evaluation.report import bone_blocks, segmentation_threshold, voi_morphometry
 
     if isinstance(threshold, str) and threshold not in ("voi", "volume"):
         raise ValueError(f"threshold: 'voi', 'volume' or a number (mg HA/cm^3), not {threshold!r}")
@@ -372,12 +371,8 @@ def score_volume(
     for name, v in {**vols, "HR": hr}.items():
         v = v[cut]
         img = {} if name == "HR" else {"psnr_db": psnr(v, hr, rng), "ssim": ssim(v, hr, rng)}
-        if threshold == "voi":
-            t = "isodata"  # computed by voi_morphometry inside each sub-VOI
-        elif threshold == "volume":
-            t = threshold_value(v, "isodata")
-        else:
-            t = float(threshold)
+        method = "isodata" if isinstance(threshold, str) else float(threshold)
+        t = segmentation_threshold(v, method, "voi" if threshold == "voi" else "volume")
         for bname, voi in blocks.items():
             m = voi_morphometry(v, (HR_MM,) * 3, voi, t, purify=purify)
             rows.append({"method": name, "voi": bname, **img, **m})

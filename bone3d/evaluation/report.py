@@ -107,6 +107,22 @@ def bone_blocks(
     return {n: v for n, v in blocks.items() if n not in empty}, empty
 
 
+THRESHOLD_SCOPES = ("volume", "voi")
+
+
+def segmentation_threshold(vol, threshold: str | float, scope: str = "volume", mask=None):
+    """What `voi_morphometry` segments every sub-VOI of ``vol`` by. ``scope="volume"``: the value
+    of ``threshold`` (a method or a number) computed once over ``mask`` (the whole volume when
+    None), as a researcher segments a scan; ``"voi"``: ``threshold`` itself, so that a method
+    is computed inside each sub-VOI (a local threshold, which in a sparse sub-VOI follows blur
+    or noise into the marrow)."""
+    from bone3d.morphometry.thresholds import threshold_value
+
+    if scope not in THRESHOLD_SCOPES:
+        raise InputError("threshold_scope", f"'volume' or 'voi', not {scope!r}")
+    return threshold_value(vol, threshold, mask=mask) if scope == "volume" else threshold
+
+
 def voi_morphometry(vol, spacing, voi, threshold, *, purify: bool = False) -> dict:
     """`PARAMS` of ``vol`` in ``voi`` (segmented by ``threshold`` computed inside the VOI) and the
     threshold used. ``purify``: BoneJ's Purify on the VOI's bone first (the largest particle,
@@ -327,7 +343,7 @@ def evaluate(
     """
     if "axial" not in slice_axes:
         raise InputError("slice_axes", "must include 'axial'")
-    if threshold_scope not in ("volume", "voi"):
+    if threshold_scope not in THRESHOLD_SCOPES:  # before the slow work
         raise InputError("threshold_scope", f"'volume' or 'voi', not {threshold_scope!r}")
     t0 = time.perf_counter()
     for img, label in ((pred, "pred"), (hr, "hr")):
@@ -395,14 +411,9 @@ def evaluate(
     per_voi = {}
     from tqdm import tqdm
 
-    from bone3d.morphometry.thresholds import threshold_value
-
-    # one threshold per volume, over the VOI (the whole-VOI row is segmented by the same value)
+    # per volume: one value over the VOI, the whole-VOI row segmented by the same value
     level = {
-        m: threshold_value(vols[m], threshold, mask=region)
-        if threshold_scope == "volume"
-        else threshold
-        for m in methods
+        m: segmentation_threshold(vols[m], threshold, threshold_scope, region) for m in methods
     }
     vois = [("voi", region), *blocks.items()]
     for voi_name, voi in tqdm(vois, desc="morphometry", unit="VOI", disable=None):
