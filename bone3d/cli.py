@@ -379,7 +379,13 @@ def _segment_image(img, args, mask):
     """Binary bone of ``img``: as given when the image is already binary, else thresholded."""
     import numpy as np
 
-    from bone3d.morphometry.thresholds import density_threshold, prefilter, purify, segment
+    from bone3d.morphometry.thresholds import (
+        METHODS,
+        density_threshold,
+        prefilter,
+        purify,
+        segment,
+    )
 
     arr = img.data[0].numpy()
     values = np.unique(arr[: min(arr.shape[0], 64)])
@@ -393,10 +399,12 @@ def _segment_image(img, args, mask):
                 raise InputError("threshold", "density:MGHA needs --calibration SLOPE INTERCEPT")
             method = density_threshold(float(args.threshold.split(":", 1)[1]), *args.calibration)
         else:
-            try:
-                method = float(args.threshold)
-            except ValueError:
-                method = args.threshold
+            method = _number_or_name(args.threshold)
+            if isinstance(method, str) and method not in METHODS:
+                raise InputError(
+                    "threshold",
+                    f"unknown method {method!r}; use {METHODS}, a number or density:MGHA",
+                )
         bone, t = segment(grey, method, mask=mask)
         info = {
             "method": args.threshold,

@@ -84,6 +84,7 @@ def _check(capsys, argv, inputs, outputs, words):
             assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], (
                 "temp file left"
             )
+    return err
 
 
 @pytest.mark.parametrize(
@@ -128,6 +129,33 @@ def test_morpho_rejects_bad_masks(files, tmp_path, capsys, mask, words):
 def test_morpho_rejects_bad_volumes(files, tmp_path, capsys, bad, words):
     out = tmp_path / "m.json"
     _check(capsys, ["morpho", str(files[bad]), "--json", str(out)], [files[bad]], [out], words)
+
+
+@pytest.mark.parametrize(
+    "verb, words",
+    [("morpho", "a number or density:MGHA"), ("evaluate", "('isodata', 'otsu') or a number")],
+)
+def test_unknown_threshold_names_what_each_verb_accepts(files, tmp_path, capsys, verb, words):
+    """``morpho`` also takes a calibrated ``density:MGHA``; ``evaluate`` does not, and must not
+    suggest it."""
+    out = tmp_path / "o"
+    src = str(files["good"])
+    argv = {
+        "morpho": ["morpho", src, "--threshold", "isodat", "--json", str(out)],
+        "evaluate": [
+            "evaluate",
+            "--pred",
+            src,
+            "--hr",
+            src,
+            "--threshold",
+            "isodat",
+            "-o",
+            str(out),
+        ],
+    }[verb]
+    err = _check(capsys, argv, [files["good"]], [out], words)
+    assert ("density" in err) == (verb == "morpho")
 
 
 def test_morpho_cylinder_outside_the_image(files, tmp_path, capsys):

@@ -89,7 +89,7 @@ def threshold_value(array, method: str | float = "isodata", *, mask=None) -> flo
         return _isodata(values)
     if method == "otsu":
         return float(filters.threshold_otsu(values.astype(np.float64)))
-    raise InputError("threshold", f"unknown method {method!r}; use {METHODS}, a number or density")
+    raise InputError("threshold", f"unknown method {method!r}; use {METHODS} or a number")
 
 
 def density_threshold(density_mgha: float, slope: float, intercept: float) -> float:
