@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bone3d.cli import main as bone3d_main
-from bone3d.data.datalist import datalist_items, experiment_name
+from bone3d.data.datalist import datalist_items, experiment_name, hr_bone_level
 from bone3d.data.prepare import prepare
 from bone3d.engines import bundle_cli_args, bundle_files
 from bone3d.io import read_volume
@@ -226,8 +226,11 @@ def test_gan_bundle_trains_under_ddp(name, saved, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle, variant", [("unet_sr", "3d"), ("rcan", "2p5d")])
-def test_morphometry_loss_overlay_trains(bundle, variant, datalist, tmp_path):
+@pytest.mark.parametrize(
+    "bundle, variant, level",
+    [("unet_sr", "3d", "$bone3d.data.datalist.hr_bone_level(@datalist)"), ("rcan", "2p5d", "otsu")],
+)
+def test_morphometry_loss_overlay_trains(bundle, variant, level, datalist, tmp_path):
     """``common/morphometry_loss_base.json`` listed after a bundle's configs swaps its loss for
     `bone3d.losses.MorphometryLoss` (a post-upsampling 2.5D net: its HR-slice channels are
     separate images) and records the weights in MLflow."""
@@ -240,7 +243,7 @@ def test_morphometry_loss_overlay_trains(bundle, variant, datalist, tmp_path):
          "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "runs"),
          "--tracking_uri", f"sqlite:///{db}", "--net_preset", "tiny",
          "--patch_size", f"[32,32,{depth}]", "--max_epochs", "2", "--val_interval", "2",
-         "--samples_per_volume", "2", "--queue_length", "4"],
+         "--samples_per_volume", "2", "--queue_length", "4", "--loss#threshold", level],
         cwd=tmp_path,
     )  # fmt: skip
     client = mlflow.MlflowClient(f"sqlite:///{db}")
@@ -253,5 +256,9 @@ def test_morphometry_loss_overlay_trains(bundle, variant, datalist, tmp_path):
     assert weights == overlay["morphometry_loss"]
     for k in ("morphometry_loss_warmup", "morphometry_loss_pretrain"):
         assert run.data.params[k] == str(overlay[k])
+    # the soft-mask level is recorded: each target patch's Otsu level by default, or one level
+    # for every patch, the training HR's IsoData level (`hr_bone_level`), when asked
+    threshold = run.data.params["morphometry_loss_threshold"]
+    assert threshold == ("otsu" if level == "otsu" else str(hr_bone_level(datalist)))
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert losses and all(np.isfinite(losses))

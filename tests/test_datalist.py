@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from bone3d.data.datalist import read_datalist, split_by_specimen, split_hash
+from bone3d.data.datalist import hr_bone_level, read_datalist, split_by_specimen, split_hash
 from bone3d.data.prepare import prepare
 from bone3d.errors import InputError
 from bone3d.io import read_volume
+from bone3d.morphometry.thresholds import threshold_value
 
 
 def test_split_is_by_specimen_and_deterministic():
@@ -119,3 +120,29 @@ def test_prepare_cortical_phantoms_add_bone_free_space(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 2 and "non-negative" in res.stderr
+
+
+def test_hr_bone_level_is_one_isodata_level_over_the_training_targets(tmp_path):
+    """The morphometry loss's level: ImageJ IsoData on the training HR voxels pooled, in the
+    network's 0..1 units over ``hr_range``; not a level per volume, nor one from test data."""
+    path = prepare(
+        tmp_path / "ds", phantoms=3, preset="hrpqct", n_val=1, n_test=1,
+        phantom_shape=(40, 40, 40), progress=False,
+    )  # fmt: skip
+    data = read_datalist(path)
+    lo, hi = data["hr_range"]
+    pooled = np.concatenate(
+        [np.clip(read_volume(e["target"]).data.numpy().ravel(), lo, hi) for e in data["training"]]
+    )
+    level = hr_bone_level(path)
+    expected = (threshold_value(pooled, "isodata") - lo) / (hi - lo)
+    assert 0 < level < 1
+    assert level == pytest.approx(expected, abs=2 / 256)  # histogram bins: window vs min..max
+    marrow, bone = np.percentile((pooled - lo) / (hi - lo), [5, 95])
+    assert marrow < level < bone
+    raw = json.loads(path.read_text())
+    for e in raw["training"]:
+        e.pop("target")
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="no HR target"):
+        hr_bone_level(path)

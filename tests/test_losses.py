@@ -218,6 +218,27 @@ def test_otsu_each_segments_every_image_at_its_own_level():
         MorphometryLoss(threshold="isodata")
 
 
+def test_a_marrow_patch_holds_no_bone_at_a_fixed_level_but_noise_bone_at_its_own_otsu():
+    """A 32^3 training patch of marrow alone (HR noise, no bone): its own Otsu level cuts the
+    noise in two, so the target's mask calls half the patch bone and the terms push a clean
+    prediction towards noise specks; at one level for all patches (the bundles pass the training
+    HR's IsoData level, `bone3d.data.datalist.hr_bone_level`) the patch has no bone and a clean
+    marrow prediction costs only its pixel error."""
+    g = torch.Generator().manual_seed(0)
+    marrow = 0.143  # 0 mg HA/cm^3 in the -200..1200 window
+    y = marrow + 0.02 * torch.randn((1, 1, 32, 32, 32), generator=g)
+    pred = torch.full_like(y, marrow)
+    own = MorphometryLoss(threshold="otsu")
+    own(pred, y)
+    # weighted (0.01, 0.1, 0.1) each outweighs the pixel error (0.016) many times
+    assert own.terms["euler"] > 10 and own.terms["fabric"] > 0.5 and own.terms["thickness"] > 0.1
+    fixed = MorphometryLoss(threshold=0.46875)
+    fixed(pred, y)
+    assert fixed.terms["pixel"] == pytest.approx(own.terms["pixel"])
+    for k in ("bvtv", "thickness", "spacing", "euler", "fabric"):
+        assert fixed.terms[k] == pytest.approx(0.0, abs=5e-3), k
+
+
 def test_otsu_threshold_splits_the_two_phases():
     b = make_phantom(shape=(32, 32, 32), seed=5)
     img = torch.from_numpy(b.image.data[0].numpy()[None, None])

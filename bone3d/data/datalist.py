@@ -112,6 +112,31 @@ def datalist_meta(path: str | os.PathLike) -> dict:
     return {k: v for k, v in read_datalist(path).items() if k not in SPLITS}
 
 
+def hr_bone_level(path: str | os.PathLike, split: str = "training") -> float:
+    """One bone/marrow threshold for a split's HR targets, in network units (0..1 over
+    ``hr_range``, as `bone3d.data.patches.intensity_transform` maps them).
+
+    ImageJ IsoData (BoneJ's default) on the 256-bin histogram of every HR voxel of the split
+    pooled over the ``hr_range`` window (values outside it counted at its ends): one global
+    level, as a scan is segmented, so that a patch of marrow alone holds no bone. The histograms
+    are summed volume by volume; no more than one volume is in memory at a time.
+    """
+    from bone3d.io import read_volume
+    from bone3d.morphometry.thresholds import imagej_isodata_level
+
+    lo, hi = (float(v) for v in datalist_meta(path)["hr_range"])
+    if not hi > lo:
+        raise InputError(path, f"hr_range {lo}..{hi} is empty")
+    targets = [it["target"] for it in datalist_items(path, split) if it.get("target")]
+    if not targets:
+        raise InputError(path, f"split {split!r} has no HR target to take a bone level from")
+    hist = np.zeros(256, np.int64)
+    for t in targets:
+        v = np.clip(read_volume(t).data.numpy().ravel(), lo, hi)
+        hist += np.histogram(v, bins=256, range=(lo, hi))[0]
+    return (imagej_isodata_level(hist) + 1) / 256.0
+
+
 def experiment_name(path: str | os.PathLike) -> str:
     """MLflow experiment for runs on this dataset: runs of one dataset line up in one experiment."""
     meta = datalist_meta(path)

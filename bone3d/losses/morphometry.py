@@ -259,12 +259,13 @@ class MorphometryLoss(nn.Module):
         weights: ``pixel``, ``bvtv``, ``thickness``, ``spacing``, ``euler``, ``fabric``,
             ``density``, ``regressor`` (missing = default).
         pixel: ``"l1"``, ``"mse"`` or ``"charbonnier"``.
-        threshold: a float in the network's intensity units; ``"otsu"``: both images at the
-            target's Otsu level; ``"otsu_each"``: each image at its own Otsu level (detached),
-            as morphometry segments every scan at its own automatic threshold (the fidelity
-            benchmark's IsoData per VOI): a prediction whose grey levels drift then has its
-            faint specks and blurred bridges segmented, and penalised, as the evaluation sees
-            them.
+        threshold: a float in the network's intensity units, one level for every patch (the
+            training HR's IsoData level: `bone3d.data.datalist.hr_bone_level`); ``"otsu"``:
+            both images at the target patch's Otsu level (in a patch of marrow alone that
+            level cuts the target's noise into bone specks); ``"otsu_each"``: each image at
+            its own Otsu level (detached), as morphometry segments every scan at its own
+            automatic threshold: a prediction whose grey levels drift then has its faint
+            specks and blurred bridges segmented, and penalised, as the evaluation sees them.
         temperature: sigmoid width in intensity units (0.05 for targets windowed to [0, 1]).
         thickness_radius / spacing_radius: largest ball radius probed (voxels): set so that
             2r + 1 covers the thickest trabeculae / widest marrow spaces in a patch. Too small
