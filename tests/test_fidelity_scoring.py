@@ -336,3 +336,61 @@ def test_threshold_option_names_its_own_output(tmp_path, capsys):
             fid.main(["--threshold", bad, "--work", str(tmp_path)])
         assert e.value.code == 2
     assert "mg HA/cm^3" in capsys.readouterr().err
+
+
+def test_error_measures_show_one_near_zero_reference_swamping_the_mean_relative_error():
+    """benchmarks/error_measures.py: a model closer to HR than LR in three VOIs of four, with a
+    wrong sign where HR's Conn.D is almost zero, loses on the issue's mean relative error (the
+    division by 0.02) and wins on the median and on the normalised mean absolute error; its
+    ``mare`` is the benchmark's own (`fidelity.summarise`), and the worst VOI is named."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "error_measures.py"
+    spec = importlib.util.spec_from_file_location("error_measures", path)
+    em = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(em)
+    fid = _fidelity()
+    conn = {"HR": [1.0, 1.2, 0.8, 0.02], "LR trilinear": [0.5, 0.6, 0.4, 0.05], "SR": [0.9, 1.1, 0.7, -0.3]}  # fmt: skip
+    rows = []
+    for m, values in conn.items():
+        for i, c in enumerate(values):
+            other = {p: 0.1 * (i + 1) * (1.2 if m == "LR trilinear" else 1.0) for p in fid.FIDELITY}
+            other["tb_n_per_mm"] = 1.0
+            other["tb_th_mm"] = None if (m == "LR trilinear" and i == 0) else other["tb_th_mm"]
+            rows.append({"degradation": "mdct", "split": "test", "specimen": "s", "voi": f"b{i}",
+                         "method": m, "psnr_db": 20.0, "ssim": 0.5, **other, "conn_d_per_mm3": c})  # fmt: skip
+    res = em.ratios(rows, "mdct", "test")["SR"]["params"]["conn_d_per_mm3"]
+    rel_sr = [0.1 / 1.0, 0.1 / 1.2, 0.1 / 0.8, 0.32 / 0.02]
+    rel_lr = [0.5, 0.5, 0.5, 1.5]
+    assert res["mare_vs_lr"] == pytest.approx(np.mean(rel_sr) / np.mean(rel_lr))
+    assert res["mare_vs_lr"] > 5  # the issue's measure: far worse than LR
+    assert res["median_vs_lr"] == pytest.approx(np.median(rel_sr) / np.median(rel_lr))
+    assert res["median_vs_lr"] < 0.25
+    assert (
+        res["nmae_vs_lr"] == pytest.approx((0.62 / 3.02) / (1.53 / 3.02))
+        and res["nmae_vs_lr"] < 0.5
+    )
+    assert res["worst_voi"] == "s/b3" and res["hr_at_worst"] == 0.02
+    assert res["mare_without_worst_vs_lr"] == pytest.approx(np.mean(rel_sr[:3]) / 0.5)
+    # the same mean relative error as the benchmark's summary, None values left out alike
+    summary = fid.summarise(rows)
+    for p in fid.FIDELITY:
+        ratio = summary["SR"][f"{p}_mare"] / summary["LR trilinear"][f"{p}_mare"]
+        assert em.ratios(rows, "mdct", "test")["SR"]["params"][p]["mare_vs_lr"] == pytest.approx(
+            ratio
+        )
+    # a second model 30 % off HR's Conn.D everywhere: the mean relative error prefers it, the
+    # normalised mean absolute error prefers SR; the choice reads validation, the ratios test
+    hr_conn = {r["voi"]: r["conn_d_per_mm3"] for r in rows if r["method"] == "HR"}
+    sr2 = [
+        dict(r, method="SR2", conn_d_per_mm3=1.3 * hr_conn[r["voi"]])
+        for r in rows
+        if r["method"] == "SR"
+    ]
+    both = rows + sr2
+    both += [dict(r, split="validation") for r in both]
+    picks = em.choices(both, "mdct")
+    assert picks["mare"]["best"] == "SR2" and picks["nmae"]["best"] == "SR"
+    assert picks["mare"]["test"]["conn_d_per_mm3"] == pytest.approx(0.3 / 0.75)
+    with pytest.raises(ValueError, match="non-zero reference"):
+        em.measures([1.0, np.nan], [0.0, 2.0])
+    with pytest.raises(ValueError, match="no HR rows"):
+        em.ratios(rows, "hrpqct", "test")
