@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bone3d.evaluation.stats import relative_errors
+
 HERE = Path(__file__).resolve().parent
 FIDELITY = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")  # as fidelity.FIDELITY
 MEASURES = ("mare", "median", "nmae")
@@ -43,24 +45,24 @@ def measures(x, y) -> dict:
     """``mare``, ``median`` and ``nmae`` of values ``x`` against references ``y`` (1-D, same
     length; NaN in ``x`` and zero or NaN in ``y`` left out), and the index into the kept pairs'
     original positions of the pair with the largest relative error (``worst``) with ``mare``
-    without it (``mare_without_worst``; NaN when fewer than two pairs)."""
+    without it (``mare_without_worst``). At least 3 pairs must be kept (`relative_errors`)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x and y must be 1-D of one length, got {x.shape} and {y.shape}")
     ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y) & (y != 0))
     if ok.size == 0:
         raise ValueError("no pair with a defined value and a non-zero reference")
-    err = np.abs(x[ok] - y[ok])
-    rel = err / np.abs(y[ok])
+    e = relative_errors(x[ok], y[ok])  # at least 3 pairs, else InputError (a ValueError)
+    rel = np.abs(x[ok] - y[ok]) / np.abs(y[ok])
     k = int(np.argmax(rel))
     return {
-        "mare": float(rel.mean()),
-        "median": float(np.median(rel)),
-        "nmae": float(err.sum() / np.abs(y[ok]).sum()),
+        "mare": e["mean_abs_rel_error"],
+        "median": e["median_abs_rel_error"],
+        "nmae": e["norm_mean_abs_error"],
         "n": int(ok.size),
         "worst": int(ok[k]),
         "worst_rel": float(rel[k]),
-        "mare_without_worst": float(np.delete(rel, k).mean()) if ok.size > 1 else float("nan"),
+        "mare_without_worst": float(np.delete(rel, k).mean()),
     }
 
 

@@ -15,6 +15,7 @@ from bone3d.evaluation.stats import (
     fisher_z,
     icc,
     kendalls_w,
+    relative_errors,
     steiger_z,
 )
 
@@ -68,6 +69,20 @@ def test_agreement_against_scipy_and_closed_forms(rng):
     ba = bland_altman(meth, ref)
     assert ba["bias"] == pytest.approx(d.mean())
     assert ba["loa_high"] - ba["loa_low"] == pytest.approx(2 * 1.96 * d.std(ddof=1))
+
+
+def test_relative_errors_one_near_zero_reference_swamps_the_mean_not_the_normalised_error():
+    ref = np.array([1.0, 1.2, 0.8, 0.02])
+    close = np.array([0.9, 1.1, 0.7, -0.3])  # near in three, the wrong sign at the near-zero one
+    e = relative_errors(close, ref)
+    rel = np.abs(close - ref) / ref
+    assert e["mean_abs_rel_error"] == pytest.approx(rel.mean()) and e["mean_abs_rel_error"] > 4
+    assert e["median_abs_rel_error"] == pytest.approx(np.median(rel))
+    assert e["norm_mean_abs_error"] == pytest.approx(0.62 / 3.02)
+    assert agreement(close, ref)["norm_mean_abs_error"] == e["norm_mean_abs_error"]
+    zero = relative_errors(close, np.array([1.0, 1.2, 0.8, 0.0]))
+    assert zero["mean_abs_rel_error"] is None and zero["median_abs_rel_error"] is None
+    assert zero["norm_mean_abs_error"] == pytest.approx(0.6 / 3.0)
 
 
 def test_fisher_and_steiger_z():

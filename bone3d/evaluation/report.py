@@ -17,7 +17,8 @@ What is computed, with its conventions:
   A sub-VOI in which HR holds no bone (`bone_blocks`: under 1 % bone at HR's threshold over the
   whole VOI) is left out for every method and listed in ``blocks_without_bone``.
 * **Agreement** (`bone3d.evaluation.stats.agreement`) of SR vs HR and LR vs HR across sub-VOIs,
-  per parameter: mean +- SD, bias, paired t, Pearson R/R^2, regression, ICC(2,1), Bland-Altman.
+  per parameter: mean +- SD, bias, paired t, Pearson R/R^2, regression, ICC(2,1), Bland-Altman,
+  and the relative errors (mean, median and normalised: `stats.relative_errors`).
 
 Files in ``out_dir``: ``metrics.json`` (everything above), ``voi_metrics.csv`` (one row per VOI
 and method), ``slices.png`` (LR/SR/HR triptych with a zoomed trabecular ROI),

@@ -8,6 +8,10 @@ The tests the SR/morphometry studies report, each from scipy.stats or pingouin w
   random, absolute agreement, McGraw & Wong's ICC(A,1); ICC(3,1) = two-way mixed, consistency,
   ICC(C,1)), and
   Bland & Altman (1986) bias with 95 % limits of agreement (bias +- 1.96 SD of the differences).
+* `relative_errors(method, reference)`: the mean absolute relative error (the SR-morphometry
+  studies' "error vs HR"), its median, and the normalised mean absolute error sum |x - y| /
+  sum |y| (the error in units of the reference's mean; also called WAPE), which a reference
+  near zero in one specimen cannot swamp as it can the mean of ratios.
 * `compare_methods(table)`: Kruskal-Wallis (independent groups) and Friedman (repeated measures
   on the same specimens) omnibus tests, with pairwise Wilcoxon signed-rank / Mann-Whitney U
   post-hoc tests, Holm-corrected.
@@ -92,6 +96,20 @@ def bland_altman(method, reference) -> dict:
     }
 
 
+def relative_errors(method, reference) -> dict:
+    """``mean_abs_rel_error`` (mean of |x - y| / |y|), ``median_abs_rel_error`` and
+    ``norm_mean_abs_error`` (sum |x - y| / sum |y|) of ``method`` against ``reference``, unitless.
+    The first two are None where a reference value is 0 (undefined), the last where all are."""
+    x, y = _pair(method, reference, "relative_errors")
+    err, ref = np.abs(x - y), np.abs(y)
+    defined = bool(np.all(ref != 0))
+    return {
+        "mean_abs_rel_error": float(np.mean(err / ref)) if defined else None,
+        "median_abs_rel_error": float(np.median(err / ref)) if defined else None,
+        "norm_mean_abs_error": float(err.sum() / ref.sum()) if ref.sum() > 0 else None,
+    }
+
+
 def agreement(method, reference, *, icc_form: str = "ICC(2,1)") -> dict:
     """Every agreement figure between ``method`` and ``reference`` over specimens/VOIs."""
     x, y = _pair(method, reference, "agreement")
@@ -105,7 +123,7 @@ def agreement(method, reference, *, icc_form: str = "ICC(2,1)") -> dict:
         "reference_mean": float(y.mean()),
         "reference_sd": float(y.std(ddof=1)),
         "bias": float((x - y).mean()),
-        "mean_abs_rel_error": float(np.mean(np.abs(x - y) / np.abs(y))) if np.all(y != 0) else None,
+        **relative_errors(x, y),
         "paired_t": {"t": float(t.statistic), "p": float(t.pvalue)},
         "pearson": {"r": float(r.statistic), "r2": float(r.statistic**2), "p": float(r.pvalue)},
         "regression": {
