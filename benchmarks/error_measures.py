@@ -18,8 +18,9 @@ Each is printed divided by trilinear LR's on the same VOIs (1.00 = as good as LR
 targets read ``mare``: at most 0.5 on ``hrpqct``, below 1 on ``mdct``), with the mean over the
 five parameters (``mare``'s is the benchmark's "vs LR"), and, per parameter, the VOI with the
 largest share of ``mare`` and the ratio without it (LR's ``mare`` over the same VOIs); then, per
-measure, the model that the validation rows would choose by it and that model's test ratios. A check on the measure, like the threshold
-and Purify rescorings: the headline keeps the issue's ``mare``.
+measure, the model that the validation rows would choose by it and that model's test ratios. A
+check on the measure, like the threshold and Purify rescorings: the headline keeps the issue's
+``mare``.
 
     .venv/bin/python benchmarks/error_measures.py
     .venv/bin/python benchmarks/error_measures.py benchmarks/results/fidelity_seeds.json --split validation
@@ -68,8 +69,8 @@ def measures(x, y) -> dict:
 
 def ratios(rows: list[dict], degradation: str, split: str) -> dict[str, dict]:
     """Per method (HR and trilinear LR excluded): per parameter the three measures divided by
-    trilinear LR's, their means over the five parameters, and the VOI that weighs most in the method's ``mare`` with the ratio of both ``mare``
-    without it (LR's over the same VOIs)."""
+    trilinear LR's, their means over the five parameters, and the VOI that weighs most in the
+    method's ``mare`` with the ratio of both ``mare`` without it (LR's over the same VOIs)."""
     mine = [r for r in rows if r["degradation"] == degradation and r["split"] == split]
     hr = {(r["specimen"], r["voi"]): r for r in mine if r["method"] == "HR"}
     if not hr:
