@@ -390,6 +390,13 @@ def test_error_measures_show_one_near_zero_reference_swamping_the_mean_relative_
     picks = em.choices(both, "mdct")
     assert picks["mare"]["best"] == "SR2" and picks["nmae"]["best"] == "SR"
     assert picks["mare"]["test"]["conn_d_per_mm3"] == pytest.approx(0.3 / 0.75)
+    # the choice reads validation alone: SR2 six times HR's Conn.D on test (worse than SR
+    # there by the mean relative error) is still chosen, and scored on its test rows
+    far = [dict(r, conn_d_per_mm3=6.0 * hr_conn[r["voi"]]) for r in sr2]
+    split_apart = rows + far + [dict(r, split="validation") for r in rows + sr2]
+    picks = em.choices(split_apart, "mdct")
+    assert picks["mare"]["best"] == "SR2"
+    assert picks["mare"]["test"]["conn_d_per_mm3"] == pytest.approx(5.0 / 0.75)
     with pytest.raises(ValueError, match="non-zero reference"):
         em.measures([1.0, np.nan], [0.0, 2.0])
     with pytest.raises(ValueError, match="no HR rows"):
