@@ -5,8 +5,9 @@ most in the issue's measure.
 Reads the per-sub-VOI rows of a ``benchmarks/fidelity.py`` result file (no volumes, no training):
 
 * ``mare``: the mean absolute relative error, mean over VOIs of ``|x - y| / |y|`` (x the method's
-  value, y HR's), the issue's measure and the benchmark's (`fidelity.summarise`; a VOI where the
-  method's value is undefined or HR's is zero is left out, as there);
+  value, y HR's), the issue's measure and the benchmark's (`fidelity.summarise`; a VOI where
+  HR's value is zero or undefined is left out, and one where the method's is undefined counts
+  as a miss, read as 0: `bone3d.evaluation.stats.error_pairs`, in all three measures);
 * ``median``: the median of the same ``|x - y| / |y|``, which one VOI cannot move far;
 * ``nmae``: the normalised mean absolute error ``sum |x - y| / sum |y|``, the mean absolute error
   in units of HR's mean value (also called WAPE). Where HR's value is near zero in one VOI
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bone3d.evaluation.stats import relative_errors
+from bone3d.evaluation.stats import error_pairs, relative_errors
 
 HERE = Path(__file__).resolve().parent
 FIDELITY = ("bv_tv", "tb_th_mm", "tb_sp_mm", "conn_d_per_mm3", "da")  # as fidelity.FIDELITY
@@ -44,23 +45,26 @@ MEASURES = ("mare", "median", "nmae")
 
 def measures(x, y) -> dict:
     """``mare``, ``median`` and ``nmae`` of values ``x`` against references ``y`` (1-D, same
-    length; NaN in ``x`` and zero or NaN in ``y`` left out), and the index into the kept pairs'
-    original positions of the pair with the largest relative error (``worst``) with ``mare``
-    without it (``mare_without_worst``). At least 3 pairs must be kept (`relative_errors`)."""
+    length; zero or NaN in ``y`` left out, NaN in ``x`` read as 0, a miss: `error_pairs`), the
+    number of misses, and the index into the kept pairs' original positions of the pair with
+    the largest relative error (``worst``) with ``mare`` without it (``mare_without_worst``).
+    At least 3 pairs must be kept (`relative_errors`)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x and y must be 1-D of one length, got {x.shape} and {y.shape}")
-    ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y) & (y != 0))
+    ok = np.flatnonzero(np.isfinite(y) & (y != 0))
     if ok.size == 0:
-        raise ValueError("no pair with a defined value and a non-zero reference")
-    e = relative_errors(x[ok], y[ok])  # at least 3 pairs, else InputError (a ValueError)
-    rel = np.abs(x[ok] - y[ok]) / np.abs(y[ok])
+        raise ValueError("no pair with a non-zero reference")
+    xe, ye, missed = error_pairs(x, y)  # the pairs at ``ok``, in order
+    e = relative_errors(xe, ye)  # at least 3 pairs, else InputError (a ValueError)
+    rel = np.abs(xe - ye) / np.abs(ye)
     k = int(np.argmax(rel))
     return {
         "mare": e["mean_abs_rel_error"],
         "median": e["median_abs_rel_error"],
         "nmae": e["norm_mean_abs_error"],
         "n": int(ok.size),
+        "n_missed": missed,
         "worst": int(ok[k]),
         "worst_rel": float(rel[k]),
         "mare_without_worst": float(np.delete(rel, k).mean()),

@@ -381,7 +381,12 @@ def score_volume(
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
     """Per method (each training seed its own: ``name@seedN``): mean PSNR/SSIM, and per
-    parameter MARE, Pearson R, ICC(2,1) vs HR across the VOIs of ``rows``."""
+    parameter MARE, Pearson R, ICC(2,1) vs HR across the VOIs of ``rows``.
+
+    MARE is taken over every VOI where HR's value is defined and non-zero; a VOI where the
+    method's value is undefined (it segmented no bone there) counts as a 100 % error
+    (`bone3d.evaluation.stats.error_pairs`), and ``<p>_n_missed`` says how many there were.
+    R and ICC are over the VOIs where both values are defined."""
     from bone3d.evaluation import stats
     from bone3d.evaluation.report import PARAMS
 
@@ -397,8 +402,10 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         for p in PARAMS:
             x = np.array([r[p] if r[p] is not None else np.nan for r in mine], float)
             y = np.array([hr[(r["specimen"], r["voi"])][p] for r in mine], float)
+            xe, ye, missed = stats.error_pairs(x, y)
+            s[f"{p}_mare"] = float(np.mean(np.abs(xe - ye) / np.abs(ye)))
+            s[f"{p}_n_missed"] = missed
             ok = np.isfinite(x) & np.isfinite(y) & (y != 0)
-            s[f"{p}_mare"] = float(np.mean(np.abs(x[ok] - y[ok]) / np.abs(y[ok])))
             try:
                 a = stats.agreement(x[ok], y[ok])
                 s[f"{p}_r"], s[f"{p}_icc"] = a["pearson"]["r"], a["icc"]["icc"]
@@ -512,6 +519,41 @@ def acceptance(
                 if m.endswith("+morpho") and m.removesuffix("+morpho") in s
             },  # fmt: skip
         }
+    return out
+
+
+MISSED = (
+    "a sub-VOI where HR's value is defined and non-zero but a method's is not (it segmented no "
+    "bone there) counts as a 100 % error in that method's mean relative error "
+    "(bone3d.evaluation.stats.error_pairs; <p>_n_missed); R and ICC use the VOIs where both "
+    "are defined"
+)
+
+
+def resummarise(result: dict) -> dict:
+    """``result`` (a result file's content) with its summaries and acceptance recomputed from its
+    per-sub-VOI rows by this code's `summarise`, `pool_seeds` and `acceptance`: no training or
+    inference. For a change in how rows are summarised (not in how volumes are scored); the
+    MLflow metrics in the work folder keep the old values."""
+    rows = result["rows"]
+    per_run = {
+        deg: {
+            part: summarise([r for r in rows if r["degradation"] == deg and r["split"] == part])
+            for part in ("test", "validation")
+        }
+        for deg in dict.fromkeys(r["degradation"] for r in rows)
+    }  # fmt: skip
+    trained = {
+        deg: list(dict.fromkeys(_label(i) for i in runs.values()))
+        for deg, runs in result["trainings"].items()
+    }
+    out = dict(result)
+    out["summary"] = {d: pool_seeds(p["test"]) for d, p in per_run.items()}
+    out["validation_summary"] = {d: pool_seeds(p["validation"]) for d, p in per_run.items()}
+    if "summary_per_seed" in result:
+        out["summary_per_seed"] = {d: p["test"] for d, p in per_run.items()}
+    out["acceptance"] = acceptance(out["summary"], trained, out["validation_summary"])
+    out["data"] = {**result["data"], "missed_values": MISSED}
     return out
 
 
@@ -676,7 +718,26 @@ def main(argv: list[str] | None = None) -> int:
         "string written with '=' (--bundle-args='--loss#threshold otsu_each'); needs --out "
         "and a work folder of its own, exports nothing",
     )  # fmt: skip
+    ap.add_argument(
+        "--resummarise", nargs="+", metavar="FILE",
+        help="recompute the summaries and acceptance of existing result files from their rows "
+        "with this code's rules (each file replaced atomically; nothing trained, inferred or "
+        "logged to MLflow), print each file's verdict, and exit",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.resummarise:
+        from bone3d.io import write_json
+
+        for name in args.resummarise:
+            try:
+                result = resummarise(json.loads(Path(name).read_text()))
+            except (OSError, ValueError, KeyError) as e:
+                print(f"cannot resummarise {name}: {e}", file=sys.stderr)
+                return 2
+            write_json(result, name)
+            print(f"{name}: resummarised")
+            print_verdict(result["acceptance"])
+        return 0
     if args.bundle_args and args.out == ap.get_default("out"):
         ap.error("--bundle-args is a trial: give --out (and a --work of its own)")
     if args.bundle_args:
@@ -858,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
                 "HA/cm^3 for every method and HR (Scanco's convention)",
             )
             + ("; then BoneJ Purify of each sub-VOI's bone" if args.purify else ""),
+            "missed_values": MISSED,
             "inference": "bone3d infer"
             + (" --self-ensemble (mean over the mirrored inputs)" if args.self_ensemble else ""),
         },  # fmt: skip
@@ -883,13 +945,18 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"best model {best} exported to {target}")
     write_json(result, args.out)
     print(f"\nwrote {args.out}; {result['elapsed_s'] / 60:.1f} min in all")
-    for deg, acc in result["acceptance"].items():
+    print_verdict(result["acceptance"])
+    return 0
+
+
+def print_verdict(acceptance: dict) -> None:
+    """One line per degradation: the chosen model and each target met or not."""
+    for deg, acc in acceptance.items():
         print(f"{deg}: best {acc['best']} (chosen on {acc['best_chosen_on']}); " + ", ".join(
             f"{p} {'ok' if v['ok'] else 'NOT met'}" for p, v in acc["error_vs_lr"].items()
         ) + f" ({acc['error_rule']}); R>=0.95: " + ", ".join(
             f"{p} {'ok' if v['ok'] else 'NOT met'}" for p, v in acc["pearson_r_ge_0.95"].items()
         ) + f"; PSNR +{acc['psnr_gain_db']['gain']:.2f} dB")  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

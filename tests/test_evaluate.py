@@ -228,6 +228,7 @@ def test_compare_over_three_evaluated_methods(tmp_path, capsys):
     assert res["best"]["psnr_db"] == "evaluate-sharp"
     t = res["table"]
     assert t["evaluate-sharp"]["bv_tv_mare"] < t["evaluate-blurry"]["bv_tv_mare"]
+    assert all(t[m]["tb_th_mm_n_missed"] == 0 for m in res["methods"])  # bone in every VOI
     # tests computed on per-VOI errors: Friedman over 4 methods, 6 Holm-corrected pairs
     assert "friedman" in res["tests"]["bv_tv"]["errors"]
     assert len(res["tests"]["bv_tv"]["errors"]["posthoc"]) == 6

@@ -113,6 +113,62 @@ def test_training_seeds_pool_into_mean_and_sd_per_model():
     assert alone["net"]["seeds"] == [3] and "bv_tv_mare_sd" not in alone["net"]
 
 
+def test_a_method_that_loses_the_bone_of_a_voi_is_not_excused_there(tmp_path, capsys):
+    """summarise: where HR has bone but a method segments none, its undefined Tb.Th counts as a
+    100 % error (it used to leave the VOI out, so a method scored best exactly where it failed
+    most); R and ICC stay over the VOIs where both are defined; `resummarise` applies this to a
+    result file's rows."""
+    fid = _fidelity()
+    rng = np.random.default_rng(2)
+    rows = _rows(rng, {"LR trilinear": 0.3, "lost-3d": 0.1, "kept-3d": 0.1})
+    hr = {r["voi"]: r for r in rows if r["method"] == "HR"}
+    for r in rows:
+        if r["method"] == "lost-3d" and r["voi"] == "v0":
+            r["tb_th_mm"] = None  # no bone: no thickness
+        if r["method"] == "kept-3d" and r["voi"] == "v0":
+            r["tb_th_mm"] = 1.5 * hr["v0"]["tb_th_mm"]  # bone, read 50 % thick
+    s = fid.summarise(rows)
+    rel = {
+        m: [
+            abs(r["tb_th_mm"] - hr[r["voi"]]["tb_th_mm"]) / hr[r["voi"]]["tb_th_mm"]
+            for r in rows
+            if r["method"] == m and r["voi"] != "v0"
+        ]
+        for m in ("lost-3d", "kept-3d")
+    }
+    assert s["lost-3d"]["tb_th_mm_mare"] == pytest.approx((sum(rel["lost-3d"]) + 1.0) / 12)
+    assert s["kept-3d"]["tb_th_mm_mare"] == pytest.approx((sum(rel["kept-3d"]) + 0.5) / 12)
+    assert s["lost-3d"]["tb_th_mm_n_missed"] == 1 and s["kept-3d"]["tb_th_mm_n_missed"] == 0
+    assert s["lost-3d"]["tb_th_mm_mare"] > np.mean(rel["lost-3d"]) + 0.07  # no longer left out
+    x = [r["tb_th_mm"] for r in rows if r["method"] == "lost-3d" and r["voi"] != "v0"]
+    y = [hr[f"v{i}"]["tb_th_mm"] for i in range(1, 12)]
+    assert s["lost-3d"]["tb_th_mm_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    # a result file resummarised from its rows: test and validation, seeds pooled, acceptance
+    both = [dict(r, degradation="hrpqct", split="test") for r in rows]
+    both += [dict(r, degradation="hrpqct", split="validation") for r in rows]
+    runs = {f"{m}-3d": {"bundle": m, "variant": "3d", "morphometry_loss": False}
+            for m in ("lost", "kept")}  # fmt: skip
+    stale = {"rows": both, "trainings": {"hrpqct": runs}, "data": {"hr_spacing_mm": 0.05},
+             "summary": {"hrpqct": {}}, "acceptance": {}}  # fmt: skip
+    fresh = fid.resummarise(stale)
+    assert fresh["summary"]["hrpqct"]["lost-3d"]["tb_th_mm_mare"] == s["lost-3d"]["tb_th_mm_mare"]
+    assert fresh["validation_summary"]["hrpqct"]["kept-3d"] == s["kept-3d"]
+    val = fresh["validation_summary"]["hrpqct"]
+    assert fresh["acceptance"]["hrpqct"]["best"] == min(
+        ("lost-3d", "kept-3d"), key=lambda m: val[m]["fidelity_vs_lr"]
+    )
+    assert fresh["data"]["missed_values"] == fid.MISSED and stale["acceptance"] == {}
+    # the command line: a file rewritten from its rows; a corrupt one refused and left as it was
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(stale))
+    bad.write_text('{"rows": [')
+    assert fid.main(["--resummarise", str(good)]) == 0
+    assert json.loads(good.read_text())["summary"] == json.loads(json.dumps(fresh["summary"]))
+    assert "hrpqct: best" in capsys.readouterr().out
+    assert fid.main(["--resummarise", str(bad)]) == 2
+    assert bad.read_text() == '{"rows": [' and "cannot resummarise" in capsys.readouterr().err
+
+
 def test_best_model_is_chosen_on_validation_and_judged_on_test():
     fid = _fidelity()
     rng = np.random.default_rng(1)
@@ -398,6 +454,11 @@ def test_error_measures_show_one_near_zero_reference_swamping_the_mean_relative_
     assert picks["mare"]["best"] == "SR2"
     assert picks["mare"]["test"]["conn_d_per_mm3"] == pytest.approx(5.0 / 0.75)
     with pytest.raises(ValueError, match="non-zero reference"):
+        em.measures([1.0, 2.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="fewer than 3"):  # one pair left: the miss
         em.measures([1.0, np.nan], [0.0, 2.0])
+    # a missed VOI (no bone, an undefined value) counts as a 100 % error in all three measures
+    miss = em.measures([np.nan, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+    assert miss["mare"] == miss["nmae"] == 0.25 and miss["n_missed"] == 1 and miss["worst"] == 0
     with pytest.raises(ValueError, match="no HR rows"):
         em.ratios(rows, "hrpqct", "test")

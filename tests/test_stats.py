@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from bone3d.errors import InputError
 from bone3d.evaluation.stats import (
     agreement,
     bland_altman,
     compare_methods,
+    error_pairs,
     fisher_z,
     icc,
     kendalls_w,
@@ -83,6 +85,19 @@ def test_relative_errors_one_near_zero_reference_swamps_the_mean_not_the_normali
     zero = relative_errors(close, np.array([1.0, 1.2, 0.8, 0.0]))
     assert zero["mean_abs_rel_error"] is None and zero["median_abs_rel_error"] is None
     assert zero["norm_mean_abs_error"] == pytest.approx(0.6 / 3.0)
+
+
+def test_error_pairs_count_an_undefined_reading_as_a_complete_miss():
+    ref = [1.0, None, 0.0, 2.0, 0.5, np.inf]
+    method = [1.1, 3.0, 1.0, None, np.nan, 1.0]
+    x, y, missed = error_pairs(method, ref)
+    # references None, 0 and inf leave their VOIs out; the method's None and NaN read as 0
+    assert x.tolist() == [1.1, 0.0, 0.0] and y.tolist() == [1.0, 2.0, 0.5] and missed == 2
+    assert np.abs(x - y) / y == pytest.approx([0.1, 1.0, 1.0])
+    x, y, missed = error_pairs([0.9, 1.2], [1.0, 1.0])
+    assert missed == 0 and x.tolist() == [0.9, 1.2]
+    with pytest.raises(InputError, match="one length"):
+        error_pairs([1.0, 2.0], [1.0])
 
 
 def test_fisher_and_steiger_z():

@@ -6,7 +6,9 @@ From each run it reads:
 
 * the image metrics it logged (``eval_psnr_voi_<method>``, ``eval_ssim_voi_<method>``);
 * per sub-VOI, the method's morphometry and the HR values; the per-VOI **absolute relative
-  error** |method - HR| / |HR| of each parameter is what methods are compared on.
+  error** |method - HR| / |HR| of each parameter is what methods are compared on. A sub-VOI
+  where HR's value is undefined or 0 is left out; one where the method's is undefined (no bone
+  to measure) counts as a 100 % error (`bone3d.evaluation.stats.error_pairs`, ``<p>_n_missed``).
 
 For each parameter the table gives the mean absolute relative error of every method and its
 Pearson R with HR over the sub-VOIs; across methods, when all runs share the same VOIs (same HR
@@ -112,10 +114,12 @@ def compare(tracking_uri: str, experiment: str) -> dict:
         for n in names:
             x = np.asarray(methods[n]["values"][key], float)
             y = np.asarray(methods[n]["hr"][key], float)
-            ok = np.isfinite(x) & np.isfinite(y) & (y != 0)
-            err = np.abs(x[ok] - y[ok]) / np.abs(y[ok])
+            xe, ye, missed = stats.error_pairs(x, y)  # an undefined reading: a 100 % miss
+            err = np.abs(xe - ye) / np.abs(ye)
             errors[n] = err
             table[n][f"{key}_mare"] = float(err.mean()) if err.size else None
+            table[n][f"{key}_n_missed"] = missed
+            ok = np.isfinite(x) & np.isfinite(y) & (y != 0)
             r = (
                 float(sps.pearsonr(x[ok], y[ok]).statistic)
                 if ok.sum() >= 3 and np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0
@@ -158,7 +162,8 @@ def compare(tracking_uri: str, experiment: str) -> dict:
         "best": best,
         "tests": tests,
         "paired": same_vois,
-        "conventions": "mare = mean over sub-VOIs of |method - HR| / |HR|; r = Pearson R with HR "
+        "conventions": "mare = mean over sub-VOIs of |method - HR| / |HR|, an undefined method "
+        "value counted as a 100 % miss (n_missed); r = Pearson R with HR "
         "over sub-VOIs; tests on the per-VOI errors; * marks the best value of a column",
     }
 

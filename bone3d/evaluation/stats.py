@@ -12,6 +12,8 @@ The tests the SR/morphometry studies report, each from scipy.stats or pingouin w
   studies' "error vs HR"), its median, and the normalised mean absolute error sum |x - y| /
   sum |y| (the error in units of the reference's mean; also called WAPE), which a reference
   near zero in one specimen cannot swamp as it can the mean of ratios.
+* `error_pairs(method, reference)`: the pairs a method's error across sub-VOIs is taken over,
+  with a method's undefined reading (no bone to measure) counted as a complete miss.
 * `compare_methods(table)`: Kruskal-Wallis (independent groups) and Friedman (repeated measures
   on the same specimens) omnibus tests, with pairwise Wilcoxon signed-rank / Mann-Whitney U
   post-hoc tests, Holm-corrected.
@@ -108,6 +110,30 @@ def relative_errors(method, reference) -> dict:
         "median_abs_rel_error": float(np.median(err / ref)) if defined else None,
         "norm_mean_abs_error": float(err.sum() / ref.sum()) if ref.sum() > 0 else None,
     }
+
+
+def error_pairs(method, reference) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(x, y, n_missed)``: a method's values ``x`` and the reference's ``y`` over the VOIs
+    where a relative error is defined, and how many of them the method missed.
+
+    VOIs whose reference is undefined (None, NaN, inf) or 0 are left out: |x - y| / |y| needs a
+    reference. Where the reference is defined but the method's value is not (None, NaN, inf:
+    it segmented no bone in that VOI, or too little to measure Tb.Th or a fabric tensor), the
+    value is read as 0, a complete miss with relative error 1 (100 %), the error its BV/TV of 0
+    (always defined) has there. Leaving such VOIs out instead would excuse a method exactly
+    where it fails and score methods over different VOIs. The rule is ours (BoneJ reports NaN
+    for such a mask and leaves the choice to the study); ``n_missed`` says how often it acted.
+    """
+    x = np.array([np.nan if v is None else v for v in np.ravel(method)], dtype=float)
+    y = np.array([np.nan if v is None else v for v in np.ravel(reference)], dtype=float)
+    if x.shape != y.shape:
+        raise InputError(
+            "error_pairs", f"need two arrays of one length, got {x.shape} and {y.shape}"
+        )
+    keep = np.isfinite(y) & (y != 0)
+    x, y = x[keep], y[keep]
+    missed = ~np.isfinite(x)
+    return np.where(missed, 0.0, x), y, int(missed.sum())
 
 
 def agreement(method, reference, *, icc_form: str = "ICC(2,1)") -> dict:
