@@ -719,6 +719,13 @@ def main(argv: list[str] | None = None) -> int:
         "and a work folder of its own, exports nothing",
     )  # fmt: skip
     ap.add_argument(
+        "--regressor", type=float, default=0.0, metavar="WEIGHT",
+        help="a trial: fit the frozen morphometry regressor (bone3d fit-regressor with its "
+        "defaults; 3D, and 2D for 2.5D) on each degradation's training HR volumes into "
+        "WORK/<degradation>/regressor_<n>d.pt and add its loss term at WEIGHT to every +morpho "
+        "training; needs --out and a work folder of its own, exports nothing",
+    )  # fmt: skip
+    ap.add_argument(
         "--resummarise", nargs="+", metavar="FILE",
         help="recompute the summaries and acceptance of existing result files from their rows "
         "with this code's rules (each file replaced atomically; nothing trained, inferred or "
@@ -738,9 +745,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: resummarised")
             print_verdict(result["acceptance"])
         return 0
-    if args.bundle_args and args.out == ap.get_default("out"):
-        ap.error("--bundle-args is a trial: give --out (and a --work of its own)")
-    if args.bundle_args:
+    for flag, used in (("--bundle-args", args.bundle_args), ("--regressor", args.regressor)):
+        if used and args.out == ap.get_default("out"):
+            ap.error(f"{flag} is a trial: give --out (and a --work of its own)")
+    if args.regressor < 0 or not np.isfinite(args.regressor):
+        ap.error(f"--regressor: a weight >= 0, not {args.regressor}")
+    if args.bundle_args or args.regressor:
         args.no_export = True
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
     suffix = (
@@ -793,6 +803,18 @@ def main(argv: list[str] | None = None) -> int:
 
         scored = [("test", i) for i in datalist_items(datalist, "test")]
         scored += [("validation", i) for i in datalist_items(datalist, "validation")]
+        extra = {variant: list(args.bundle_args) for variant in args.variants}
+        if args.regressor and "morpho" in args.loss:  # fitted once per work folder and dims
+            for variant in args.variants:
+                dims = 3 if variant == "3d" else 2
+                reg = work / deg / f"regressor_{dims}d.pt"
+                if not reg.is_file():
+                    _log(f"{deg}: fitting the {dims}D morphometry regressor")
+                    _py(["-m", "bone3d.cli", "fit-regressor", "--datalist", str(datalist),
+                         "-o", str(reg), "--spatial-dims", str(dims)],
+                        work / deg / "regressor.log")  # fmt: skip
+                extra[variant] += ["--loss#regressor", str(reg),
+                                   "--morphometry_loss#regressor", str(args.regressor)]  # fmt: skip
         infos = []
         for seed in args.train_seeds:
             for bundle in args.models:
@@ -801,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
                         name = f"{bundle}-{variant}-{loss}" + (f"-seed{seed}" if seed else "")
                         info = train(bundle, variant, loss == "morpho", datalist,
                                      work / deg / "runs" / name, db, epochs, seed,
-                                     args.bundle_args)  # fmt: skip
+                                     extra[variant] if loss == "morpho" else args.bundle_args)  # fmt: skip
                         _log(f"{deg} {_run_key(info)}: trained in {info['train_s']:.0f} s")
                         infos.append(info)
         deg_rows = []
@@ -851,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
                         "sparse_phantoms": args.sparse_phantoms, "seed": args.seed,
                         "train_seeds": args.train_seeds,
                         "self_ensemble": args.self_ensemble,
-                        "bundle_args": args.bundle_args}  # fmt: skip
+                        "bundle_args": args.bundle_args,
+                        "regressor_weight": args.regressor}  # fmt: skip
         print_table(deg, summary[deg])
         # MLflow: scores on the training runs, baselines as runs of their own
         exp = client.get_experiment_by_name(EXPERIMENT)

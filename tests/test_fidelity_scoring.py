@@ -313,6 +313,12 @@ def test_bundle_args_trial_needs_its_own_output_and_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         fid.main(["--bundle-args=--loss#threshold otsu_each"])
     assert err.value.code == 2 and "give --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # the regressor term is a trial too
+        fid.main(["--regressor", "0.1"])
+    assert err.value.code == 2 and "--regressor is a trial" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        fid.main(["--regressor", "-1", "--out", str(tmp_path / "f.json")])
+    assert err.value.code == 2 and "a weight >= 0" in capsys.readouterr().err
     run = tmp_path / "rcan-3d-morpho"
     run.mkdir()
     (run / "done.json").write_text(json.dumps({"bundle": "rcan", "epochs": 1, "train_s": 1.0}))
