@@ -197,14 +197,27 @@ def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0, n_sparse: int = 
     return out
 
 
-def donor_split(volumes: list[dict], n_test: int, n_val: int, seed: int) -> dict[str, list[str]]:
+def donor_split(
+    volumes: list[dict], n_test: int, n_val: int, seed: int, fold: int = 0
+) -> dict[str, list[str]]:
     """Test and validation donors drawn (seeded) from the single-ROI BoneBox donors; the donor
-    with several ROIs, LHDL and the phantoms always train. Returns volume ids per split."""
+    with several ROIs, LHDL and the phantoms always train. Returns volume ids per split.
+
+    ``fold`` k > 0 keeps the test donors and takes the validation donors from the next ``n_val``
+    places of the same seeded order (k = 0 is the headline split; donor-wise cross-validation
+    over the non-test donors, so that a setting can be judged on more donors than one split
+    holds); the previous validation donors then train."""
     donors = sorted({v["donor"] for v in volumes})
     per = {d: [v["id"] for v in volumes if v["donor"] == d] for d in donors}
     candidates = [d for d in donors if d.startswith("bonebox_") and len(per[d]) == 1]
     order = list(np.random.default_rng(seed).permutation(candidates))
-    test, val = order[:n_test], order[n_test : n_test + n_val]
+    lo = n_test + fold * n_val
+    if fold < 0 or lo + n_val > len(order):
+        raise ValueError(
+            f"fold {fold}: {len(order) - n_test} non-test single-ROI donors hold "
+            f"{(len(order) - n_test) // max(n_val, 1)} folds of {n_val} validation donors"
+        )
+    test, val = order[:n_test], order[lo : lo + n_val]
     ids = {
         "test": [i for d in test for i in per[d]],
         "validation": [i for d in val for i in per[d]],
@@ -471,6 +484,8 @@ def acceptance(
     so that the test VOIs judge a choice they did not make; else on the test scores."""
     out = {}
     for deg, s in summary.items():
+        if "LR trilinear" not in s:  # a cross-validation fold: validation rows only
+            continue
         lr = s["LR trilinear"]
         models = [m for m in trained.get(deg, []) if m in s]
         if not models:
@@ -557,12 +572,12 @@ def resummarise(result: dict) -> dict:
     return out
 
 
-def print_table(deg: str, s: dict[str, dict]) -> None:
+def print_table(deg: str, s: dict[str, dict], split: str = "test") -> None:
     from bone3d.evaluation.report import PARAMS
 
     short = {"bv_tv": "BV/TV", "tb_th_mm": "Tb.Th", "tb_sp_mm": "Tb.Sp", "tb_n_per_mm": "Tb.N",
              "conn_d_per_mm3": "Conn.D", "da": "DA"}  # fmt: skip
-    print(f"\n{deg}: mean absolute relative error vs HR (%) / Pearson R across test VOIs")
+    print(f"\n{deg}: mean absolute relative error vs HR (%) / Pearson R across {split} VOIs")
     head = f"{'method':28s}{'PSNR':>7s}{'SSIM':>7s}" + "".join(f"{short[p]:>14s}" for p in PARAMS)
     print(head + f"{'vs LR':>8s}")
     for m, r in s.items():
@@ -719,6 +734,13 @@ def main(argv: list[str] | None = None) -> int:
         "and a work folder of its own, exports nothing",
     )  # fmt: skip
     ap.add_argument(
+        "--fold", type=_count, default=0,
+        help="cross-validation: 0 (default) the headline split; k > 0 the same test donors "
+        "and the next validation donors of the seeded order (the earlier ones train). A fold "
+        "k > 0 scores its validation donors only, needs --out and a work folder of its own, "
+        "and exports nothing; benchmarks/cross_validation.py pools the folds' validation rows",
+    )  # fmt: skip
+    ap.add_argument(
         "--regressor", type=float, default=0.0, metavar="WEIGHT",
         help="a trial: fit the frozen morphometry regressor (bone3d fit-regressor with its "
         "defaults; 3D, and 2D for 2.5D) on each degradation's training HR volumes into "
@@ -745,12 +767,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: resummarised")
             print_verdict(result["acceptance"])
         return 0
-    for flag, used in (("--bundle-args", args.bundle_args), ("--regressor", args.regressor)):
+    for flag, used in (
+        ("--bundle-args", args.bundle_args),
+        ("--regressor", args.regressor),
+        ("--fold", args.fold),
+    ):
         if used and args.out == ap.get_default("out"):
             ap.error(f"{flag} is a trial: give --out (and a --work of its own)")
     if args.regressor < 0 or not np.isfinite(args.regressor):
         ap.error(f"--regressor: a weight >= 0, not {args.regressor}")
-    if args.bundle_args or args.regressor:
+    if args.bundle_args or args.regressor or args.fold:
         args.no_export = True
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
     suffix = (
@@ -780,7 +806,11 @@ def main(argv: list[str] | None = None) -> int:
     epochs = {"3d": args.epochs_3d, "2p5d": args.epochs_2p5d}
     _log("HR volumes")
     volumes = hr_volumes(args.phantoms, args.seed, args.cortical_phantoms, args.sparse_phantoms)
-    split = donor_split(volumes, args.test, args.validation, args.seed)
+    try:
+        split = donor_split(volumes, args.test, args.validation, args.seed, args.fold)
+    except ValueError as e:
+        print(f"--fold: {e}", file=sys.stderr)
+        return 2
     _log(f"split: test {split['test']}, validation {split['validation']}, "
          f"{len(split['training'])} training volumes")  # fmt: skip
     client = mlflow.MlflowClient(f"sqlite:///{db}")
@@ -801,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         datalist = build_dataset(volumes, split, deg, work / deg / "data", args.seed)
         from bone3d.data.datalist import datalist_items
 
-        scored = [("test", i) for i in datalist_items(datalist, "test")]
+        scored = [] if args.fold else [("test", i) for i in datalist_items(datalist, "test")]
         scored += [("validation", i) for i in datalist_items(datalist, "validation")]
         extra = {variant: list(args.bundle_args) for variant in args.variants}
         if args.regressor and "morpho" in args.loss:  # fitted once per work folder and dims
@@ -874,15 +904,18 @@ def main(argv: list[str] | None = None) -> int:
                         "train_seeds": args.train_seeds,
                         "self_ensemble": args.self_ensemble,
                         "bundle_args": args.bundle_args,
-                        "regressor_weight": args.regressor}  # fmt: skip
-        print_table(deg, summary[deg])
+                        "regressor_weight": args.regressor, "fold": args.fold}  # fmt: skip
+        if args.fold:
+            print_table(deg, val_summary[deg], "validation")
+        else:
+            print_table(deg, summary[deg])
         # MLflow: scores on the training runs, baselines as runs of their own
         exp = client.get_experiment_by_name(EXPERIMENT)
         exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
         csv_name = f"voi_scores{suffix}.csv"
         csv = write_csv(deg_rows, work / deg / csv_name, list(deg_rows[0]))
-        for m, s in per_run[deg]["test"].items():
-            val = per_run[deg]["validation"].get(m, {})
+        for m in dict.fromkeys([*per_run[deg]["test"], *per_run[deg]["validation"]]):
+            s, val = per_run[deg]["test"].get(m, {}), per_run[deg]["validation"].get(m, {})
             if m in runs[deg]:
                 found = client.search_runs(
                     [exp_id], f"attributes.run_name = '{runs[deg][m]['run_name']}'"
@@ -927,6 +960,7 @@ def main(argv: list[str] | None = None) -> int:
             "hr_window": list(HR_RANGE),
             "volumes": [{k: v[k] for k in ("id", "donor", "source")} for v in volumes],
             "split": split,
+            "fold": args.fold,
             "sub_vois_per_volume": 8,
             "sub_vois_without_bone": {
                 "rule": f"left out for every method when under {MIN_BONE:.0%} of the sub-VOI "

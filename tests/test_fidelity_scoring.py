@@ -316,6 +316,9 @@ def test_bundle_args_trial_needs_its_own_output_and_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:  # the regressor term is a trial too
         fid.main(["--regressor", "0.1"])
     assert err.value.code == 2 and "--regressor is a trial" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # and a cross-validation fold
+        fid.main(["--fold", "1"])
+    assert err.value.code == 2 and "--fold is a trial" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
         fid.main(["--regressor", "-1", "--out", str(tmp_path / "f.json")])
     assert err.value.code == 2 and "a weight >= 0" in capsys.readouterr().err
@@ -468,3 +471,71 @@ def test_error_measures_show_one_near_zero_reference_swamping_the_mean_relative_
     assert miss["mare"] == miss["nmae"] == 0.25 and miss["n_missed"] == 1 and miss["worst"] == 0
     with pytest.raises(ValueError, match="no HR rows"):
         em.ratios(rows, "hrpqct", "test")
+
+
+def test_cross_validation_folds_keep_the_test_donors_and_rotate_validation():
+    """fidelity.donor_split(fold=k): the same test donors, validation taken from the next places
+    of the same seeded order (fold 0 is the headline split), the earlier validation donors
+    training; a fold the non-test donors cannot fill is refused."""
+    fid = _fidelity()
+    vols = [{"id": f"bonebox_{i:05d}_1", "donor": f"bonebox_{i:05d}"} for i in range(10)]
+    vols += [{"id": f"bonebox_99999_{k}", "donor": "bonebox_99999"} for k in range(3)]
+    vols += [{"id": "lhdl", "donor": "lhdl"}]
+    folds = [fid.donor_split(vols, 4, 2, 0, fold=k) for k in range(3)]
+    assert folds[0] == fid.donor_split(vols, 4, 2, 0)
+    vals = [set(f["validation"]) for f in folds]
+    assert all(f["test"] == folds[0]["test"] for f in folds)
+    assert all(len(v) == 2 for v in vals) and len(vals[0] | vals[1] | vals[2]) == 6
+    assert vals[0] <= set(folds[1]["training"]) and vals[1] <= set(folds[2]["training"])
+    for f in folds:  # the donor with several ROIs and LHDL always train; 14 - 6 volumes train
+        assert {"bonebox_99999_0", "lhdl"} <= set(f["training"]) and len(f["training"]) == 8
+    with pytest.raises(ValueError, match="3 folds of 2"):
+        fid.donor_split(vols, 4, 2, 0, fold=3)
+
+
+def test_cross_validation_pools_the_validation_rows_of_the_folds(tmp_path, capsys):
+    """benchmarks/cross_validation.py: the folds' validation rows pooled into one summary (the
+    benchmark's own), each fold's "vs LR" beside it; test rows and methods missing from a fold
+    take no part; overlapping validation donors or different test donors are refused."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_validation.py"
+    spec = importlib.util.spec_from_file_location("cross_validation", path)
+    cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv)
+    fid = _fidelity()
+    rng = np.random.default_rng(5)
+
+    def fold(k: int, noise: dict, test_noise: dict | None = None) -> dict:
+        rows = [dict(r, degradation="hrpqct", split="validation", specimen=f"d{k}")
+                for r in _rows(rng, noise, n=6)]  # fmt: skip
+        if test_noise:
+            rows += [dict(r, degradation="hrpqct", split="test", specimen="t")
+                     for r in _rows(rng, test_noise, n=6)]  # fmt: skip
+        return {"rows": rows, "data": {"split": {"test": ["t"], "validation": [f"d{k}"]}}}
+
+    files = [
+        fold(0, {"LR trilinear": 0.3, "net": 0.1, "net@seed1": 0.2}, {"LR trilinear": 0.3, "net": 2.0}),
+        fold(1, {"LR trilinear": 0.3, "net": 0.15}),
+        fold(2, {"LR trilinear": 0.3, "net": 0.05}),
+    ]  # fmt: skip
+    res = cv.pool(files, "hrpqct")
+    assert list(res["methods"]) == ["LR trilinear", "net"]  # net@seed1: fold 0 only
+    assert res["donors"] == ["d0", "d1", "d2"] and res["n_voi"] == 18
+    val = [r for f in files for r in f["rows"] if r["split"] == "validation" and r["method"] != "net@seed1"]  # fmt: skip
+    assert res["methods"]["net"]["pooled"] == fid.summarise(val)["net"]
+    per = [fid.summarise([r for r in val if r["specimen"] == f"d{k}"])["net"]["fidelity_vs_lr"]
+           for k in range(3)]  # fmt: skip
+    assert res["methods"]["net"]["folds"] == per
+    assert res["methods"]["net"]["sd"] == pytest.approx(np.std(per, ddof=1))
+    assert res["methods"]["net"]["pooled"]["fidelity_vs_lr"] < 1  # 3 times closer than LR
+    with pytest.raises(ValueError, match="two files"):
+        cv.pool([files[0], files[0]], "hrpqct")
+    other = dict(files[1], data={"split": {"test": ["u"], "validation": ["d1"]}})
+    with pytest.raises(ValueError, match="different test donors"):
+        cv.pool([files[0], other], "hrpqct")
+    paths = []
+    for k, f in enumerate(files):
+        paths.append(tmp_path / f"f{k}.json")
+        paths[-1].write_text(json.dumps(f))
+    assert cv.main([str(p) for p in paths]) == 0
+    assert "3 folds, 3 donors, 18 sub-VOIs" in capsys.readouterr().out
+    assert cv.main([str(paths[0]), str(tmp_path / "missing.json")]) == 2
