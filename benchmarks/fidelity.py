@@ -69,7 +69,17 @@ reuses the trained models and SR volumes.
 Trials: ``--bundle-args='--loss#threshold otsu_each'`` appends arguments to every ``monai.bundle
 run`` training; it needs ``--out`` and a ``--work`` of its own (a work folder trained with other
 arguments or epochs is refused) and exports nothing. ``--epochs-3d`` / ``--epochs-2p5d`` with ``--out`` and
-a new ``--work`` try other training lengths.
+a new ``--work`` try other training lengths. ``--regressor WEIGHT`` fits the frozen morphometry
+regressor (``bone3d fit-regressor``) on the training HR volumes into the work folder and adds
+its term to every +morpho training.
+
+Cross-validation: ``--fold K`` (K > 0) keeps the test donors, takes the validation donors from
+the next places of the same seeded order (the earlier ones train; `donor_split`) and scores the
+validation volumes only; ``benchmarks/cross_validation.py`` pools the folds' validation rows.
+
+Missed sub-VOIs: where HR has bone and a method segments none, its undefined values count as
+100 % errors (`bone3d.evaluation.stats.error_pairs`). ``--resummarise FILE...`` recomputes
+existing result files' summaries and acceptance from their rows with the current rules.
 
 Trained models are kept in ``WORK`` (``benchmarks/results/work``, not committed): a rerun skips
 finished trainings and resumes interrupted ones from their last checkpoint.
