@@ -47,7 +47,10 @@ the best model under ``hrpqct`` as an exported bundle in ``benchmarks/results/be
 (`bone3d export`, weights included).
 
 ``--train-seeds 0 1 2`` (a spread check): every model trains once per seed on the same data;
-each score is the mean over the seeds with its SD, written to ``fidelity_seeds.json``.
+each score is the mean over the seeds with its SD, written to ``fidelity_seeds.json``. Each
+such model also gets a row ``name@ensemble``: the voxel-wise mean of its seeds' SR volumes
+(a deep ensemble, `seed_ensembles`), scored like any method; it takes no part in choosing the
+best model.
 
     .venv/bin/python benchmarks/fidelity.py                 # everything (2 h budget on 2 cores)
     .venv/bin/python benchmarks/fidelity.py --degradations hrpqct --variants 3d --models unet_sr
@@ -71,7 +74,8 @@ run`` training; it needs ``--out`` and a ``--work`` of its own (a work folder tr
 arguments or epochs is refused) and exports nothing. ``--epochs-3d`` / ``--epochs-2p5d`` with ``--out`` and
 a new ``--work`` try other training lengths. ``--regressor WEIGHT`` fits the frozen morphometry
 regressor (``bone3d fit-regressor``) on the training HR volumes into the work folder and adds
-its term to every +morpho training.
+its term to every +morpho training; ``--regressor-level isodata`` labels its patches at one level
+(the training HR volumes' pooled IsoData) instead of each patch's own Otsu.
 
 Cross-validation: ``--fold K`` (K > 0) keeps the test donors, takes the validation donors from
 the next places of the same seeded order (the earlier ones train; `donor_split`) and scores the
@@ -456,6 +460,32 @@ def _run_key(info: dict) -> str:
     return _label(info) + (f"@seed{seed}" if seed else "")
 
 
+ENSEMBLE = "@ensemble"  # the method-label suffix of a seed ensemble (no "@seed" in it)
+
+
+def seed_ensembles(vols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The seed ensembles of ``vols`` (method label -> SR volume on one grid): for every model
+    trained with several seeds (``name``, ``name@seedN``), ``name@ensemble``, the voxel-wise mean
+    of its seeds' volumes. The deep ensemble of Lakshminarayanan et al. 2017 (NeurIPS,
+    "Simple and scalable predictive uncertainty estimation using deep ensembles"): trainings
+    that differ only in initialisation and patch order disagree most on what each invents,
+    so their mean keeps the structure they share, as the mirror self-ensemble does for one
+    network. A plain mean of saved volumes, which no library call does for us. Models with
+    one seed, and the baselines, have none."""
+    groups: dict[str, list[str]] = {}
+    for key in vols:
+        groups.setdefault(key.split("@seed")[0], []).append(key)
+    out = {}
+    for label, keys in groups.items():
+        if len(keys) < 2 or label not in keys:
+            continue
+        shapes = {vols[k].shape for k in keys}
+        if len(shapes) > 1:
+            raise ValueError(f"{label}: its seeds' volumes differ in shape {sorted(shapes)}")
+        out[label + ENSEMBLE] = np.mean([vols[k] for k in keys], axis=0).astype(np.float32)
+    return out
+
+
 def pool_seeds(summary: dict[str, dict]) -> dict[str, dict]:
     """The trainings of one model with different seeds (``name``, ``name@seedN``) pooled: each
     score is the mean over the seeds and ``<score>_sd`` its sample standard deviation
@@ -707,7 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         help="training seeds (the bundles' seed: weight initialisation, patch sampling); the "
         "data stay those of --seed. Several: every model trains once per seed, its scores are "
         "the mean over the seeds with their SD (<score>_sd), written to fidelity_seeds.json "
-        "(MLflow metrics fid_seeds_* on each seed's run), and nothing is exported",
+        "(MLflow metrics fid_seeds_* on each seed's run), and nothing is exported; each model "
+        "also gets a row NAME@ensemble, the mean of its seeds' SR volumes (not a candidate "
+        "for the best model)",
     )  # fmt: skip
     ap.add_argument("--work", default=str(RESULTS / "work"))
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
@@ -758,6 +790,12 @@ def main(argv: list[str] | None = None) -> int:
         "training; needs --out and a work folder of its own, exports nothing",
     )  # fmt: skip
     ap.add_argument(
+        "--regressor-level", choices=["otsu", "isodata"], default="otsu",
+        help="with --regressor: the regressor's patch labels segmented at each patch's own Otsu "
+        "threshold (default) or at one level for every patch, the training HR volumes' pooled "
+        "IsoData (bone3d fit-regressor --level)",
+    )  # fmt: skip
+    ap.add_argument(
         "--resummarise", nargs="+", metavar="FILE",
         help="recompute the summaries and acceptance of existing result files from their rows "
         "with this code's rules (each file replaced atomically; nothing trained, inferred or "
@@ -786,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{flag} is a trial: give --out (and a --work of its own)")
     if args.regressor < 0 or not np.isfinite(args.regressor):
         ap.error(f"--regressor: a weight >= 0, not {args.regressor}")
+    if args.regressor_level != "otsu" and not args.regressor:
+        ap.error("--regressor-level needs --regressor WEIGHT")
     if args.bundle_args or args.regressor or args.fold:
         args.no_export = True
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
@@ -844,14 +884,16 @@ def main(argv: list[str] | None = None) -> int:
         scored = [] if args.fold else [("test", i) for i in datalist_items(datalist, "test")]
         scored += [("validation", i) for i in datalist_items(datalist, "validation")]
         extra = {variant: list(args.bundle_args) for variant in args.variants}
-        if args.regressor and "morpho" in args.loss:  # fitted once per work folder and dims
+        if args.regressor and "morpho" in args.loss:  # fitted once per work folder, dims, level
             for variant in args.variants:
                 dims = 3 if variant == "3d" else 2
-                reg = work / deg / f"regressor_{dims}d.pt"
+                tag = "" if args.regressor_level == "otsu" else f"_{args.regressor_level}"
+                reg = work / deg / f"regressor_{dims}d{tag}.pt"
                 if not reg.is_file():
                     _log(f"{deg}: fitting the {dims}D morphometry regressor")
                     _py(["-m", "bone3d.cli", "fit-regressor", "--datalist", str(datalist),
-                         "-o", str(reg), "--spatial-dims", str(dims)],
+                         "-o", str(reg), "--spatial-dims", str(dims),
+                         "--level", args.regressor_level],
                         work / deg / "regressor.log")  # fmt: skip
                 extra[variant] += ["--loss#regressor", str(reg),
                                    "--morphometry_loss#regressor", str(args.regressor)]  # fmt: skip
@@ -885,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
                 infer(info["bundle"], info["variant"], info["checkpoint"], item["image"], out,
                       out.parent / "infer.log", args.self_ensemble)  # fmt: skip
                 vols[_run_key(info)] = read_volume(out).data[0].numpy().astype(np.float32)
+            vols.update(seed_ensembles(vols))
             scores = score_volume(vols, h.astype(np.float32), purify=args.purify,
                                   threshold=args.threshold)  # fmt: skip
             for r in scores:
@@ -914,7 +957,8 @@ def main(argv: list[str] | None = None) -> int:
                         "train_seeds": args.train_seeds,
                         "self_ensemble": args.self_ensemble,
                         "bundle_args": args.bundle_args,
-                        "regressor_weight": args.regressor, "fold": args.fold}  # fmt: skip
+                        "regressor_weight": args.regressor,
+                        "regressor_level": args.regressor_level, "fold": args.fold}  # fmt: skip
         if args.fold:
             print_table(deg, val_summary[deg], "validation")
         else:
@@ -936,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_id = client.create_run(
                     exp_id, run_name=f"{m.replace(' ', '-')}-{deg}{suffix.replace('_', '-')}",
-                    tags={"bone3d.kind": "baseline"},
+                    tags={"bone3d.kind": "seed_ensemble" if m.endswith(ENSEMBLE) else "baseline"},
                 ).info.run_id  # fmt: skip
                 client.log_param(run_id, "model", m)
                 client.log_param(run_id, "degradation_preset", deg)

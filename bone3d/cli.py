@@ -231,7 +231,7 @@ def cmd_fit_references(args) -> int:
 def cmd_fit_regressor(args) -> int:
     import numpy as np
 
-    from bone3d.data.datalist import datalist_items, datalist_meta
+    from bone3d.data.datalist import datalist_items, datalist_meta, hr_bone_level
     from bone3d.io import read_volume
     from bone3d.losses.regressor import fit_regressor, save_regressor
 
@@ -241,9 +241,18 @@ def cmd_fit_regressor(args) -> int:
         hr = read_volume(item["target"])
         vols.append((hr.data[0].numpy().astype(np.float32) - lo) / (hi - lo))  # the bundles' window
         spacing = tuple(float(s) for s in hr.spacing)
+    if args.level == "otsu":
+        level = None
+    elif args.level == "isodata":
+        level = hr_bone_level(args.datalist)
+    else:
+        try:
+            level = float(args.level)
+        except ValueError:
+            raise InputError("--level", f"otsu, isodata or a number, not {args.level!r}") from None
     model, report = fit_regressor(
         vols, spacing, spatial_dims=args.spatial_dims, patch=args.patch,
-        n_patches=args.patches, steps=args.steps, seed=args.seed,
+        n_patches=args.patches, steps=args.steps, seed=args.seed, level=level,
     )  # fmt: skip
     report |= {"datalist": str(Path(args.datalist).resolve()), "hr_window": [lo, hi]}
     save_regressor(model, args.output, report)
@@ -743,6 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches", type=int, default=384, help="patches measured (half degraded)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--level", default="otsu",
+        help="segmentation of the patches' labels: otsu (default) each patch at its own Otsu "
+        "threshold; isodata one level for every patch, ImageJ IsoData of the training HR "
+        "volumes pooled (bone3d.data.datalist.hr_bone_level); or that grey value in the "
+        "networks' 0..1 window",
+    )  # fmt: skip
     p.set_defaults(func=cmd_fit_regressor)
 
     p = sub.add_parser(

@@ -113,6 +113,35 @@ def test_training_seeds_pool_into_mean_and_sd_per_model():
     assert alone["net"]["seeds"] == [3] and "bv_tv_mare_sd" not in alone["net"]
 
 
+def test_a_seed_ensemble_averages_away_what_each_training_invents():
+    """Three trainings that each add their own noise specks to the same bone: their voxel-wise
+    mean keeps the bone and thins the specks, so its PSNR and Conn.D beat every seed's; the
+    ensemble is a method of its own beside the pooled seeds; one-seed models get none."""
+    fid = _fidelity()
+    hr = make_phantom(shape=(48, 48, 48), spacing_mm=0.05, bv_tv=0.15, seed=6).image
+    hr = hr.data[0].numpy().astype(np.float32)
+    rng = np.random.default_rng(1)
+    vols = {"LR trilinear": hr + rng.normal(0, 300, hr.shape).astype(np.float32)}
+    for key in ("net", "net@seed1", "net@seed2"):
+        vols[key] = hr + rng.normal(0, 300, hr.shape).astype(np.float32)
+    vols["other@seed4"] = vols["net"]  # one training only: no ensemble
+    ens = fid.seed_ensembles(vols)
+    assert list(ens) == ["net@ensemble"]
+    np.testing.assert_allclose(
+        ens["net@ensemble"], (vols["net"] + vols["net@seed1"] + vols["net@seed2"]) / 3, atol=1e-3
+    )
+    rows = fid.score_volume({**vols, **ens}, hr)
+    per = fid.summarise([{"specimen": "s", **r} for r in rows])
+    pooled = fid.pool_seeds(per)
+    assert set(pooled) == {"LR trilinear", "net", "other", "net@ensemble"}
+    assert pooled["net@ensemble"] == per["net@ensemble"]
+    for seed in ("net", "net@seed1", "net@seed2"):
+        assert per["net@ensemble"]["psnr_db"] > per[seed]["psnr_db"] + 3  # noise SD / sqrt(3)
+        assert per["net@ensemble"]["conn_d_per_mm3_mare"] < per[seed]["conn_d_per_mm3_mare"]
+    with pytest.raises(ValueError, match="differ in shape"):
+        fid.seed_ensembles({"net": hr, "net@seed1": hr[:40]})
+
+
 def test_a_method_that_loses_the_bone_of_a_voi_is_not_excused_there(tmp_path, capsys):
     """summarise: where HR has bone but a method segments none, its undefined Tb.Th counts as a
     100 % error (it used to leave the VOI out, so a method scored best exactly where it failed
@@ -322,6 +351,9 @@ def test_bundle_args_trial_needs_its_own_output_and_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         fid.main(["--regressor", "-1", "--out", str(tmp_path / "f.json")])
     assert err.value.code == 2 and "a weight >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # a label level for a regressor that is not fitted
+        fid.main(["--regressor-level", "isodata", "--out", str(tmp_path / "f.json")])
+    assert err.value.code == 2 and "needs --regressor" in capsys.readouterr().err
     run = tmp_path / "rcan-3d-morpho"
     run.mkdir()
     (run / "done.json").write_text(json.dumps({"bundle": "rcan", "epochs": 1, "train_s": 1.0}))

@@ -341,6 +341,30 @@ def test_regressor_learns_morphometry_of_held_out_patches(regressor_2d):
     assert r["bv_tv"] > 0.6 and r["tb_th_mm"] > 0.6, r
 
 
+def test_regressor_labels_at_one_level_hold_no_bone_in_a_marrow_patch():
+    """A patch of marrow and noise: its own Otsu threshold cuts the noise and labels specks
+    as bone; one level for every patch (a scan's global threshold) labels it empty, and still
+    finds the bone of a trabecular patch."""
+    from bone3d.losses.regressor import fit_regressor, patch_morphometry
+
+    rng = np.random.default_rng(0)
+    marrow = (200 / 1400 + rng.normal(0, 0.03, (24, 24, 24))).astype(np.float32)
+    sp = (0.05,) * 3
+    own = patch_morphometry(marrow, sp)
+    fixed = patch_morphometry(marrow, sp, level=0.5)
+    assert own[0] > 0.3  # Otsu halves the noise
+    assert fixed[0] == 0.0 and fixed[1] == 0.0  # no bone
+    # Conn.D: BoneJ's (1 - chi) / V of an empty stack, 1 / 1.728 mm^3, against the specks' 500
+    assert fixed[3] == pytest.approx(1 / 1.2**3, rel=1e-4) and own[3] > 100
+    ph = make_phantom(shape=(24, 24, 24), bv_tv=0.2, seed=3)
+    bone = (ph.image.data[0].numpy() + 200) / 1400
+    at_level = patch_morphometry(bone, sp, level=0.5)
+    assert at_level[0] == pytest.approx(float((bone > 0.5).mean()))
+    assert 0.1 < at_level[0] < 0.35 and at_level[1] > 0
+    with pytest.raises(ValueError, match="inside the"):
+        fit_regressor([bone], sp, level=1.5)
+
+
 def test_regressor_loss_is_frozen_and_differentiable(regressor_2d):
     from bone3d.losses.regressor import RegressorLoss, load_regressor
 
@@ -368,6 +392,7 @@ def test_regressor_loss_is_frozen_and_differentiable(regressor_2d):
 
 def test_fit_regressor_command(tmp_path, capsys):
     from bone3d.cli import main
+    from bone3d.data.datalist import hr_bone_level
     from bone3d.data.prepare import prepare
     from bone3d.losses.regressor import load_regressor
 
@@ -381,6 +406,16 @@ def test_fit_regressor_command(tmp_path, capsys):
     assert main(["fit-regressor", "--datalist", str(dl), "-o", str(out), *args]) == 0
     assert "held-out Pearson R: bv_tv" in capsys.readouterr().out
     assert load_regressor(out).spatial_dims == 2
+    assert torch.load(out, weights_only=True)["report"]["label_level"] == "patch otsu"
+    # labels at one level for every patch: the training HR volumes' pooled IsoData
+    out2 = tmp_path / "reg_level.pt"
+    assert main(["fit-regressor", "--datalist", str(dl), "-o", str(out2), *args,
+                 "--level", "isodata"]) == 0  # fmt: skip
+    level = torch.load(out2, weights_only=True)["report"]["label_level"]
+    assert level == pytest.approx(hr_bone_level(dl)) and 0.0 < level < 1.0
+    capsys.readouterr()
+    assert main(["fit-regressor", "--datalist", str(dl), "-o", str(out2), "--level", "high"]) == 2
+    assert "otsu, isodata or a number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

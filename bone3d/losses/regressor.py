@@ -76,15 +76,23 @@ class MorphometryRegressor(nn.Module):
         return self(x) * self.std + self.mean
 
 
-def patch_morphometry(patch: np.ndarray, spacing) -> np.ndarray:
-    """The regressor's targets for one grey patch ([0, 1] window): Otsu segmentation, then
+def patch_morphometry(patch: np.ndarray, spacing, level: float | None = None) -> np.ndarray:
+    """The regressor's targets for one grey patch ([0, 1] window): segmentation at ``level``
+    (a grey value of the window), or with ``None`` at the patch's own Otsu threshold, then
     `morphometry` (3D: BV/TV, Tb.Th, Tb.Sp, Conn.D; 2D: BA/TA, Tb.Th, Tb.Sp via a one-slice
-    stack, whose local thickness is then the in-plane one)."""
+    stack, whose local thickness is then the in-plane one).
+
+    A patch's own Otsu threshold always splits it in two: in a patch of marrow alone it cuts
+    the noise, and the label is noise specks. One level for every patch (a scan's global
+    threshold, as `bone3d.data.datalist.hr_bone_level` gives) labels such a patch as empty."""
     from skimage.filters import threshold_otsu
 
     from bone3d.morphometry.metrics import morphometry
 
-    t = threshold_otsu(patch) if np.ptp(patch) > 0 else np.inf
+    if level is not None:
+        t = float(level)
+    else:
+        t = threshold_otsu(patch) if np.ptp(patch) > 0 else np.inf
     bone = patch > t
     if patch.ndim == 2:
         bone = bone[:, :, None]
@@ -127,12 +135,16 @@ def fit_regressor(
     steps: int = 400,
     batch_size: int = 16,
     seed: int = 0,
+    level: float | None = None,
 ) -> tuple[MorphometryRegressor, dict]:
-    """Train a regressor on HR volumes (windowed to [0, 1]) and degraded copies of their patches.
+    """Train a regressor on HR volumes (windowed to [0, 1]) and degraded copies of their patches,
+    each labelled by `patch_morphometry` at ``level`` (``None``: each patch's own Otsu).
 
     A fifth of the patches is held out; returns the model (eval mode, frozen) and a report with
     the held-out Pearson R per parameter.
     """
+    if level is not None and not 0.0 < level < 1.0:
+        raise InputError("level", f"a grey value inside the (0, 1) window, not {level}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     if not volumes:
@@ -147,7 +159,10 @@ def fit_regressor(
     from tqdm import tqdm
 
     y = np.stack(
-        [patch_morphometry(p, spacing) for p in tqdm(x, desc="measuring patches", disable=None)]
+        [
+            patch_morphometry(p, spacing, level)
+            for p in tqdm(x, desc="measuring patches", disable=None)
+        ]
     )
     x = torch.from_numpy(np.stack(x)[:, None].astype(np.float32))
     y = torch.from_numpy(y)
@@ -176,7 +191,8 @@ def fit_regressor(
     names = PARAMETERS[spatial_dims]
     r = {k: float(np.corrcoef(pv[:, i], yv[:, i].numpy())[0, 1]) for i, k in enumerate(names)}
     return model, {"held_out_pearson_r": r, "n_train": len(xt), "n_held_out": n_val,
-                   "patch": patch, "spatial_dims": spatial_dims, "steps": steps}  # fmt: skip
+                   "patch": patch, "spatial_dims": spatial_dims, "steps": steps,
+                   "label_level": "patch otsu" if level is None else float(level)}  # fmt: skip
 
 
 def save_regressor(model: MorphometryRegressor, path: str | os.PathLike, report: dict) -> Path:
