@@ -571,3 +571,44 @@ def test_cross_validation_pools_the_validation_rows_of_the_folds(tmp_path, capsy
     assert cv.main([str(p) for p in paths]) == 0
     assert "3 folds, 3 donors, 18 sub-VOIs" in capsys.readouterr().out
     assert cv.main([str(paths[0]), str(tmp_path / "missing.json")]) == 2
+
+
+def test_da_sampling_check_measures_what_the_benchmark_measures(tmp_path, capsys):
+    """benchmarks/da_sampling.py: with bone3d's sampling and seed 0 its sub-VOI DA is the
+    benchmark's (`score_volume`), BoneJ 2's denser sampling moves less between seeds, and the
+    summary's noise floor and ratios follow from the values; a missing work folder is refused."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "da_sampling.py"
+    spec = importlib.util.spec_from_file_location("da_sampling", path)
+    ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ds)
+    fid = _fidelity()
+    from bone3d.evaluation.report import bone_blocks
+
+    hr = make_phantom(shape=(48, 48, 48), spacing_mm=0.05, bv_tv=0.2, seed=7).image
+    hr = hr.data[0].numpy().astype(np.float32)
+    cut = hr[:48, :48, :48]
+    blocks, _ = bone_blocks(cut, np.ones(cut.shape, bool), 2)
+    mine = ds.sub_voi_da(cut, blocks, (0.05,) * 3, 256, 1024, 0)
+    theirs = {r["voi"]: r["da"] for r in fid.score_volume({}, hr) if r["method"] == "HR"}
+    assert mine == theirs and len(mine) == 8
+    voi = {"block_000": blocks["block_000"]}
+    cheap = [ds.sub_voi_da(cut, voi, (0.05,) * 3, 64, 256, s)["block_000"] for s in range(4)]
+    dense = [ds.sub_voi_da(cut, voi, (0.05,) * 3, 1024, 4096, s)["block_000"] for s in range(4)]
+    assert np.std(dense) < np.std(cheap)
+    da = {
+        f"{name} seed {s}": {
+            "HR": {"a": 0.50, "b": 0.40 + 0.02 * s},
+            "LR trilinear": {"a": 0.40, "b": 0.30},
+            "SR": {"a": 0.45, "b": None},  # a miss: 100 %
+        }
+        for name in ds.SAMPLINGS
+        for s in (0, 1)
+    }
+    s = ds.summarise(da, "SR")["bone3d"]
+    assert s["noise_floor_mare"] == pytest.approx(np.mean([0.0, 0.02 / 0.40]))
+    r1 = s["per_seed"]["bone3d seed 1"]
+    assert r1["lr_mare"] == pytest.approx(np.mean([0.2, 0.12 / 0.42]))
+    assert r1["method_mare"] == pytest.approx(np.mean([0.1, 1.0]))
+    assert r1["ratio"] == pytest.approx(r1["method_mare"] / r1["lr_mare"])
+    assert ds.main(["--work", str(tmp_path), "--method", "SR"]) == 2
+    assert "no fidelity work folder" in capsys.readouterr().err

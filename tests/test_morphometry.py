@@ -192,6 +192,25 @@ def test_da_orders_stretched_above_isotropic():
     assert fabric_tensor(ani, seed=1) == f_ani  # seeded: reproducible
 
 
+def test_da_sampling_noise_falls_with_more_directions_and_lines():
+    """MIL DA is a sampling estimate: its spread over seeds shrinks as directions and lines per
+    direction grow (BoneJ 2 samples 2000 x 10000); a sub-VOI-sized structure shows it."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(2)
+    f = ndi.gaussian_filter(rng.standard_normal((40, 40, 40)), (1.5, 1.5, 3.0), mode="wrap")
+    bone = f > np.quantile(f, 0.75)
+
+    def spread(**kw):
+        return np.std([fabric_tensor(bone, seed=s, **kw)["da"] for s in range(6)])
+
+    coarse = spread(n_directions=32, n_lines=64)
+    fine = spread(n_directions=1024, n_lines=4096)
+    assert fine < 0.5 * coarse, (coarse, fine)
+    with pytest.raises(ValueError, match="at least 9 directions"):
+        fabric_tensor(bone, n_directions=8)
+
+
 # DA of these phantoms by BoneJ 2's own MIL code, run outside this repository: ParallelLineMIL
 # and PlaneParallelLineGenerator of bonej-org/BoneJ2 compiled from source (with JOML, ImgLib2
 # and commons-math3), driven as its AnisotropyWrapper does (2000 random-quaternion directions,
