@@ -236,20 +236,20 @@ def cmd_fit_regressor(args) -> int:
     from bone3d.losses.regressor import fit_regressor, save_regressor
 
     lo, hi = datalist_meta(args.datalist)["hr_range"]
+    if args.level == "otsu":
+        level = None
+    elif args.level == "isodata":
+        level = hr_bone_level(args.datalist)
+    else:  # checked before any volume is read
+        try:
+            level = float(args.level)
+        except ValueError:
+            raise InputError("--level", f"otsu, isodata or a number, not {args.level!r}") from None
     vols, spacing = [], None
     for item in datalist_items(args.datalist, "training"):
         hr = read_volume(item["target"])
         vols.append((hr.data[0].numpy().astype(np.float32) - lo) / (hi - lo))  # the bundles' window
         spacing = tuple(float(s) for s in hr.spacing)
-    if args.level == "otsu":
-        level = None
-    elif args.level == "isodata":
-        level = hr_bone_level(args.datalist)
-    else:
-        try:
-            level = float(args.level)
-        except ValueError:
-            raise InputError("--level", f"otsu, isodata or a number, not {args.level!r}") from None
     model, report = fit_regressor(
         vols, spacing, spatial_dims=args.spatial_dims, patch=args.patch,
         n_patches=args.patches, steps=args.steps, seed=args.seed, level=level,
