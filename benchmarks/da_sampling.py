@@ -83,10 +83,7 @@ def measure(work: Path, degradation: str, method: str, split: str, seeds: int) -
     folder = fidelity.sr_folder(work, degradation, True) / method
     if not datalist.is_file() or not folder.is_dir():
         raise InputError(work, f"no fidelity work folder with {degradation} SR volumes of {method}")
-    runs = [(name, s) for s in range(seeds) for name in ["bone3d"]] + [
-        ("BoneJ 2", 0),
-        ("BoneJ 2", 1),
-    ]
+    runs = [("bone3d", s) for s in range(seeds)] + [("BoneJ 2", 0), ("BoneJ 2", 1)]
     da: dict = {f"{name} seed {s}": {} for name, s in runs}
     for item in datalist_items(datalist, split):
         lr, hr = read_volume(item["image"]), read_volume(item["target"])
