@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 
+import ants
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torchio as tio
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from bone3d.data.phantom import make_phantom
 from bone3d.data.prepare import two_class_means
 from bone3d.data.simulate import crop_to_lr_field, scan_pair
 from bone3d.errors import InputError
 from bone3d.io import read_volume
+from bone3d.registration import volume
 from bone3d.registration.pairing import largest_covered_box, register_pair
+from bone3d.registration.qa import coverage_mask, similarity
 from bone3d.registration.validate import summary, tre_trials
 from bone3d.registration.volume import register, target_registration_error
 
@@ -100,6 +104,10 @@ def test_register_pair_writes_aligned_outputs(specimen, tmp_path):
     # registered LR agrees with the HR content voxel by voxel (after the LR blur)
     r = np.corrcoef(lr_hr.data.numpy().ravel(), hr.data.numpy().ravel())[0, 1]
     assert r > 0.6
+    # written slab by slab, it is the whole-grid resampling through the stored transform
+    stored = ants.read_transform(str(tmp_path / "p" / "transform.mat"))
+    whole = stored.apply_to_image(volume.to_ants(pair.lr), volume.to_ants(hr), "bspline").numpy()
+    assert np.abs(lr_hr.data.numpy()[0] - whole).max() < 1e-4 * np.abs(whole).max()
     # the transform file reads back in SimpleITK and maps like the record says
     tx = sitk.ReadTransform(str(tmp_path / "p" / "transform.mat"))
     p0 = [0.1, -0.2, 0.3]
@@ -224,3 +232,79 @@ def test_cli_register_pairs_writes_datalist_and_leaves_flagged_out(specimen, tmp
     item = datalist_items(out / "datalist.json", "training")[0]
     lr_img, hr_img = read_volume(item["image"]), read_volume(item["target"])
     assert crop_to_lr_field(hr_img, lr_img).spatial_shape == hr_img.spatial_shape
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: the whole-volume steps run slab by slab and give the whole-volume values
+# ------------------------------------------------------------------------------------------------
+
+
+def _grey(shape, spacing, seed=0):
+    arr = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    arr = gaussian_filter(arr, 1.5)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = (1.0, -2.0, 3.0)
+    return tio.ScalarImage(tensor=arr[None], affine=affine)
+
+
+def test_slab_wise_smoothing_is_the_whole_volume_gaussian_and_finite_for_wide_kernels(
+    monkeypatch,
+):
+    img = _grey((24, 20, 50), (0.05, 0.05, 0.07))
+    monkeypatch.setattr(volume, "SLAB_VOXELS", 24 * 20 * 6)  # 9 z slabs, 3 x slabs
+    arr = img.data[0].numpy()
+    out = volume.smooth(img, [0.1, 0.2, 0.5])
+    ref = gaussian_filter(arr, [2.0, 4.0, 0.5 / 0.07], mode="nearest", truncate=4.0)
+    assert np.array_equal(out, ref)
+    # a 0.6 mm CT slice over 20 um voxels is a sigma of 30 voxels, where ITK's discrete Gaussian
+    # (ants.smooth_image) returns NaN; this one blurs
+    wide = volume.smooth(img, [0.0, 0.0, 30 * 0.07])
+    assert np.isfinite(wide).all()
+    assert np.array_equal(wide, gaussian_filter1d(arr, 30.0, axis=2, mode="nearest"))
+    assert wide.std(axis=2).mean() < 0.3 * arr.std(axis=2).mean()
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "bspline"])
+def test_resampling_box_by_box_equals_ants_on_the_whole_grid(interpolation, monkeypatch):
+    hr = _grey((40, 36, 30), (0.04, 0.04, 0.04), seed=1)
+    lr = _grey((18, 17, 16), (0.1, 0.1, 0.1), seed=2)
+    tx = ants.new_ants_transform(dimension=3, transform_type="AffineTransform")
+    c, s = np.cos(0.1), np.sin(0.1)
+    tx.set_parameters([c, -s, 0, s, c, 0, 0, 0, 1, 0.05, -0.1, 0.08])
+    whole = tx.apply_to_image(volume.to_ants(lr), volume.to_ants(hr), interpolation).numpy()
+    assert 0 < (whole == 0).mean() < 0.5  # part of the HR grid lies outside the LR field
+    monkeypatch.setattr(volume, "SLAB_VOXELS", 40 * 36 * 4)
+    moving = volume.to_ants(lr)
+    parts = [
+        volume.resample(moving, tx, hr.spatial_shape, hr.affine, (slice(0, 40), slice(0, 36), slice(a, b)), interpolation)
+        for a, b in volume.z_slabs(hr.spatial_shape)
+    ]  # fmt: skip
+    assert len(parts) == 8
+    np.testing.assert_allclose(
+        np.concatenate(parts, axis=2), whole, atol=1e-4 * np.abs(whole).max()
+    )
+    # and one plane, as the QA figure takes it
+    plane = volume.resample(moving, tx, hr.spatial_shape, hr.affine, (slice(20, 21), slice(0, 36), slice(0, 30)), interpolation)  # fmt: skip
+    np.testing.assert_allclose(plane[0], whole[20], atol=1e-4 * np.abs(whole).max())
+
+
+def test_slab_wise_similarity_is_the_whole_volume_ncc_and_mutual_information(specimen, monkeypatch):
+    from sklearn.metrics import mutual_info_score
+
+    pair = scan_pair(specimen, "hrpqct", core_mm=2.0, seed=4)
+    hr = pair.hr
+    lr = tio.Crop((20, 0, 0, 0, 0, 0))(pair.lr)  # LR from x = 1.66 mm: about half the HR core
+    # the whole-volume computation, written out
+    inside = coverage_mask(hr, lr, None)
+    assert 0.2 < inside.mean() < 1.0
+    fixed = volume.smooth(hr, list(map(float, lr.spacing)))
+    moved = ants.new_ants_transform(dimension=3).apply_to_image(
+        volume.to_ants(lr), volume.to_ants(hr), "linear"
+    )
+    a, b = fixed[inside].astype(np.float64), moved.numpy()[inside].astype(np.float64)
+    qa = [np.digitize(v, np.linspace(v.min(), v.max(), 33)[1:-1]) for v in (a, b)]
+    monkeypatch.setattr(volume, "SLAB_VOXELS", hr.spatial_shape[0] * hr.spatial_shape[1] * 7)
+    got = similarity(hr, lr, None)
+    assert got["covered_fraction"] == pytest.approx(inside.mean())
+    assert got["ncc"] == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-5)
+    assert got["mi_nats"] == pytest.approx(mutual_info_score(*qa), abs=1e-3)

@@ -8,20 +8,16 @@ slices, and slices no later window reaches are normalised and written. 2D / 2.5D
 (`_stream_slabs`): slabs of ``chunk`` slices, each with the slab half-width of context. Both equal
 the whole-volume result up to float summation order (tested).
 
-The data go to ``.<name>.part.nii`` beside the target; a ``.nii.gz`` target is compressed in a
-streamed pass; the target appears by an atomic rename only when complete. A killed run leaves
-only the ``.part`` file.
+Writing is `bone3d.io.nifti_slab_writer`: the data go to ``.<name>.part.nii`` beside the
+target; a ``.nii.gz`` target is compressed in a streamed pass; the target appears by an atomic
+rename only when complete. A killed run leaves only the ``.part`` file.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
@@ -29,19 +25,7 @@ from tqdm import tqdm
 
 from bone3d.data.patches import intensity_transform
 from bone3d.data.simulate import hr_grid_for
-from bone3d.errors import InputError
-from bone3d.io import _INPUTS, suffix_of
-
-
-def _header(shape, affine) -> nib.Nifti1Header:
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape(tuple(int(s) for s in shape))
-    hdr.set_data_dtype(np.float32)
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
-    hdr.set_xyzt_units("mm")
-    hdr["vox_offset"] = 352  # single-file NIfTI-1: 348-byte header + 4-byte extension flag
-    return hdr
+from bone3d.io import nifti_slab_writer
 
 
 def _span_function(inferer, shape):
@@ -97,27 +81,6 @@ def _resample_rows(lr: tio.ScalarImage, shape, affine, z0: int, nz: int) -> tio.
     lr_affine[:3, 3] = lr_affine[:3, 3] + lr_affine[:3, 2] * a
     part = tio.ScalarImage(tensor=lr.data[..., a:b].clone(), affine=lr_affine)
     return tio.Resample(((shape[0], shape[1], nz), sub_affine), image_interpolation="linear")(part)
-
-
-class _SlabWriter:
-    """Writes whole z slabs of a Fortran-ordered float32 NIfTI body with positioned writes.
-
-    A z slab of an (X, Y, Z) Fortran array is one contiguous byte range, so each slab is a single
-    ``os.pwrite``. Unlike a memory map, written pages stay in the page cache, not in the
-    process's resident memory, so RSS does not grow with the output.
-    """
-
-    def __init__(self, fd: int, offset: int, shape):
-        self.fd, self.offset, self.shape = fd, int(offset), tuple(int(n) for n in shape)
-
-    def __setitem__(self, key, value) -> None:
-        _, _, zs = key
-        block = np.asarray(value, dtype=np.float32)
-        pos = self.offset + zs.start * self.shape[0] * self.shape[1] * 4
-        data = block.tobytes(order="F")
-        while data:
-            n = os.pwrite(self.fd, data, pos)
-            data, pos = data[n:], pos + n
 
 
 def _window_groups(inferer, shape):
@@ -210,62 +173,15 @@ def stream_predict(
     """Predict ``lr`` with ``predictor`` (a `VolumePredictor`) into ``output`` as it is computed:
     one row of 3D windows at a time (`_stream_windows`), or ``chunk`` slices at a time for 2D /
     2.5D inferers and windows as deep as the stack (`_stream_slabs`)."""
-    target = Path(output).expanduser()
-    suffix = suffix_of(target)
-    if suffix not in (".nii", ".nii.gz"):
-        raise InputError(target, "streaming writes NIfTI (.nii or .nii.gz)")
-    if target.resolve() in _INPUTS:
-        raise InputError(target, "refusing to overwrite an input volume")
     shape, affine = hr_grid_for(lr, predictor.meta["hr_spacing_mm"])
     span = _span_function(predictor.inferer, shape)
     rescale = intensity_transform(predictor.meta["lr_range"], None)
-    hdr = _header(shape, affine)
-    offset = int(hdr["vox_offset"])
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, part = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".part.nii", dir=target.parent
-        )
-        os.close(fd)
-    except OSError as err:
-        raise InputError(target.parent, f"cannot write here: {err.strerror or err}") from None
-    part = Path(part)
-    try:
-        with open(part, "wb") as fh:
-            hdr.write_to(fh)
-            fh.write(b"\0" * (offset - fh.tell()))
-            fh.truncate(offset + int(np.prod(shape)) * 4)
-        fd_out = os.open(part, os.O_WRONLY)
-        try:
-            out = _SlabWriter(fd_out, offset, shape)
-            predictor.network.eval()
-            groups = _window_groups(predictor.inferer, shape)
-            if groups is not None:
-                _stream_windows(predictor, lr, shape, affine, rescale, out, *groups, progress)
-            else:
-                _stream_slabs(predictor, lr, shape, affine, rescale, out, span, chunk, progress)
-            os.fsync(fd_out)
-        finally:
-            os.close(fd_out)
-        if suffix == ".nii.gz":
-            fd, gz = tempfile.mkstemp(
-                prefix=f".{target.name}.", suffix=".part.nii.gz", dir=target.parent
-            )
-            os.close(fd)
-            try:
-                with open(part, "rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
-                    shutil.copyfileobj(src, dst, length=64 << 20)
-                os.replace(gz, target)
-            except BaseException:
-                Path(gz).unlink(missing_ok=True)
-                raise
-            part.unlink()
+    target = Path(output).expanduser()
+    with nifti_slab_writer(target, shape, affine) as out:
+        predictor.network.eval()
+        groups = _window_groups(predictor.inferer, shape)
+        if groups is not None:
+            _stream_windows(predictor, lr, shape, affine, rescale, out, *groups, progress)
         else:
-            os.replace(part, target)
-    except OSError as err:
-        part.unlink(missing_ok=True)
-        raise InputError(target, f"cannot write: {err.strerror or err}") from None
-    except Exception:
-        part.unlink(missing_ok=True)
-        raise
+            _stream_slabs(predictor, lr, shape, affine, rescale, out, span, chunk, progress)
     return target

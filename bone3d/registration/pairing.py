@@ -7,7 +7,8 @@ folder:
 * ``lr.nii.gz``: the LR scan resampled into the HR frame **at LR spacing** (what post-upsampling
   models read; its grid starts at the HR crop's corner, the convention of
   `bone3d.data.simulate.hr_grid_for`, so `crop_to_lr_field` pairs it with ``hr.nii.gz``);
-* ``lr_hrgrid.nii.gz``: the LR scan resampled onto the HR crop's grid (pre-upsampled models);
+* ``lr_hrgrid.nii.gz``: the LR scan resampled onto the HR crop's grid (pre-upsampled models),
+  streamed to disk z slab by z slab;
 * ``hr.nii.gz``: the HR scan cropped to the common field of view: the largest box of HR voxels
   that all map inside the LR field, trimmed to a whole number of LR voxels;
 * ``qa.json`` and ``qa.png`` (`bone3d.registration.qa`).
@@ -17,6 +18,11 @@ registration is below ``min_ncc``, less than ``min_coverage`` of the HR field li
 the common field is under 4 LR voxels on an axis, or an affine result scales volume by more than
 1.5x (a sign of wrong spacing in a header). Flagged pairs still get their files and QA, so the
 reason can be inspected, but `bone3d.data.prepare` leaves them out of the datalist.
+
+Memory: besides the two scans, the peak is about two HR volumes of float32 (the smoothed HR and
+the resampled LR of the QA similarity) plus fixed slab buffers; the HR-grid steps run slab by
+slab (`bone3d.registration.volume.smooth`, ``resample``). `benchmarks/registration_memory.py`
+measures it.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ from tqdm import tqdm
 
 from bone3d.data.simulate import crop_to_lr_field, lr_affine
 from bone3d.errors import InputError
-from bone3d.io import write_json, write_volume
+from bone3d.io import nifti_slab_writer, write_json, write_volume
 from bone3d.registration.qa import coverage_mask, qa_figure, resample_lr, similarity
-from bone3d.registration.volume import register, write_transform
+from bone3d.registration.volume import register, resample, to_ants, write_transform, z_slabs
 
 log = logging.getLogger("bone3d.registration")
 
@@ -70,8 +76,10 @@ def largest_covered_box(covered: np.ndarray) -> tuple[slice, slice, slice] | Non
     """
     if not covered.any():
         return None
-    idx = np.argwhere(covered)
-    lo, hi = idx.min(0), idx.max(0) + 1
+    lo, hi = np.zeros(3, int), np.zeros(3, int)
+    for ax in range(3):  # the bounding box from the axis projections (no voxel index list)
+        hit = np.flatnonzero(covered.any(axis=tuple(a for a in range(3) if a != ax)))
+        lo[ax], hi[ax] = hit[0], hit[-1] + 1
     while True:
         box = covered[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         if box.size == 0:
@@ -100,8 +108,20 @@ def _crop(image: tio.Image, box) -> tio.Image:
     start = np.asarray([s.start for s in box], float)
     affine = np.asarray(image.affine, float).copy()
     affine[:3, 3] = affine[:3, 3] + affine[:3, :3] @ start
-    data = image.data[(slice(None), *box)].clone()
+    data = image.data[(slice(None), *box)]  # a view: crop_to_lr_field copies what is kept
     return type(image)(tensor=data, affine=affine)
+
+
+def _write_lr_hrgrid(lr: tio.Image, hr: tio.Image, reg, path: Path) -> Path:
+    """The LR resampled (cubic B-spline) onto the HR grid, streamed to ``path`` z slab by z slab
+    (`bone3d.io.nifti_slab_writer`): the HR-grid copy of the LR is never held in memory whole."""
+    shape, affine = hr.spatial_shape, np.asarray(hr.affine, float)
+    moving = to_ants(lr)
+    with nifti_slab_writer(path, shape, affine) as dest:
+        for z0, z1 in z_slabs(shape):
+            box = (slice(0, shape[0]), slice(0, shape[1]), slice(z0, z1))
+            dest[:, :, z0:z1] = resample(moving, reg.transform, shape, affine, box, "bspline")
+    return Path(path)
 
 
 def register_pair(
@@ -162,12 +182,11 @@ def register_pair(
         )
         lr_out = resample_lr(lr, ref, reg)
         hr_out = crop_to_lr_field(hr_box, lr_out)
-        lr_hr = resample_lr(lr, hr_out, reg)
         files["lr"] = str(write_volume(lr_out, out / "lr.nii.gz"))
-        files["lr_hrgrid"] = str(write_volume(lr_hr, out / "lr_hrgrid.nii.gz"))
+        files["lr_hrgrid"] = str(_write_lr_hrgrid(lr, hr_out, reg, out / "lr_hrgrid.nii.gz"))
         files["hr"] = str(write_volume(hr_out, out / "hr.nii.gz"))
         title = f"{name} ncc {before['ncc'] or 0:.2f} -> {after['ncc'] or 0:.2f}".strip()
-        files["qa_png"] = str(qa_figure(hr_out, lr_hr, out / "qa.png", title))
+        files["qa_png"] = str(qa_figure(hr_out, lr, reg, out / "qa.png", title))
 
     record = {
         "specimen": name,

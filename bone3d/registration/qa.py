@@ -22,7 +22,7 @@ import numpy as np
 import torchio as tio
 
 from bone3d.io import write_figure
-from bone3d.registration.volume import Registration, to_ants
+from bone3d.registration.volume import Registration, resample, smooth, to_ants, z_slabs
 
 
 def matrix_offset(transform: ants.ANTsTransform) -> tuple[np.ndarray, np.ndarray]:
@@ -31,6 +31,9 @@ def matrix_offset(transform: ants.ANTsTransform) -> tuple[np.ndarray, np.ndarray
     a = p[:9].reshape(3, 3)
     centre = np.asarray(transform.fixed_parameters, float)
     return a, p[9:12] + centre - a @ centre
+
+
+_MI_BINS = 32
 
 
 def _lps_affine(image: tio.Image) -> np.ndarray:
@@ -68,69 +71,108 @@ def resample_lr(
 ) -> tio.ScalarImage:
     """``lr`` resampled onto the grid of ``reference`` through ``reg`` (identity when None).
 
-    Cubic B-spline interpolation by default (ANTs), 0 outside the LR field.
+    Cubic B-spline interpolation by default (ANTs), 0 outside the LR field. Holds the whole
+    output; `bone3d.registration.volume.resample` fills a large grid box by box.
     """
-    tx = reg.transform if reg is not None else ants.new_ants_transform(dimension=3)
-    out = tx.apply_to_image(to_ants(lr), to_ants(reference), interpolation)
-    data = out.numpy().astype(np.float32)
+    tx = reg.transform if reg is not None else None
+    data = resample(to_ants(lr), tx, reference.spatial_shape, reference.affine, None, interpolation)
     return tio.ScalarImage(tensor=data[None], affine=np.asarray(reference.affine))
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    if a.size < 8 or a.std() == 0 or b.std() == 0:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
+def similarity(hr: tio.Image, lr: tio.Image, reg: Registration | None) -> dict:
+    """Mutual information and NCC between smoothed HR and resampled LR over covered HR voxels.
 
-
-def _mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float | None:
-    """Histogram mutual information (nats), 32 equal-width bins per image."""
+    Memory: the smoothed HR and the resampled LR (two HR volumes of float32) and the coverage
+    mask; the LR is resampled z slab by z slab (`resample`), and both statistics are gathered
+    slab by slab, in float64, from the same values a whole-volume computation would use: the
+    Pearson r from centred sums (two passes), the mutual information from the 32 x 32 joint
+    histogram (`sklearn.metrics.mutual_info_score` with that contingency table).
+    """
     from sklearn.metrics import mutual_info_score
 
-    if a.size < 8 or a.std() == 0 or b.std() == 0:
-        return None
-    qa = np.digitize(a, np.linspace(a.min(), a.max(), bins + 1)[1:-1])
-    qb = np.digitize(b, np.linspace(b.min(), b.max(), bins + 1)[1:-1])
-    return float(mutual_info_score(qa, qb))
-
-
-def similarity(hr: tio.Image, lr: tio.Image, reg: Registration | None) -> dict:
-    """Mutual information and NCC between smoothed HR and resampled LR over covered HR voxels."""
     inside = coverage_mask(hr, lr, reg)
-    if not inside.any():
+    n = int(inside.sum())
+    if not n:
         return {"mi_nats": None, "ncc": None, "covered_fraction": 0.0}
     sigma = reg.fixed_sigma_mm if reg is not None else list(map(float, lr.spacing))
-    fixed = ants.smooth_image(to_ants(hr), sigma, sigma_in_physical_coordinates=True)
-    moved = resample_lr(lr, hr, reg, "linear").data[0].numpy()
-    f = fixed.numpy()
-    a, b = f[inside].astype(np.float64), moved[inside].astype(np.float64)
+    fixed = smooth(hr, sigma)
+    moving = to_ants(lr)
+    tx = reg.transform if reg is not None else None
+    shape, affine = hr.spatial_shape, hr.affine
+    moved = np.empty(fixed.shape, np.float32)
+    slabs = z_slabs(shape)
+    for z0, z1 in slabs:
+        box = (slice(0, shape[0]), slice(0, shape[1]), slice(z0, z1))
+        moved[..., z0:z1] = resample(moving, tx, shape, affine, box, "linear")
+    del moving
+
+    def pairs():
+        for z0, z1 in slabs:
+            m = inside[..., z0:z1]
+            if m.any():
+                yield (
+                    fixed[..., z0:z1][m].astype(np.float64),
+                    moved[..., z0:z1][m].astype(np.float64),
+                )
+
+    sums, lo, hi = np.zeros(2), np.full(2, np.inf), np.full(2, -np.inf)
+    for a, b in pairs():
+        sums += (a.sum(), b.sum())
+        lo = np.minimum(lo, (a.min(), b.min()))
+        hi = np.maximum(hi, (a.max(), b.max()))
+    mean = sums / n
+    saa = sbb = sab = 0.0
+    joint = np.zeros(_MI_BINS * _MI_BINS, np.int64)
+    edges = [np.linspace(lo[i], hi[i], _MI_BINS + 1)[1:-1] for i in (0, 1)]
+    for a, b in pairs():
+        da, db = a - mean[0], b - mean[1]
+        saa, sbb, sab = saa + da @ da, sbb + db @ db, sab + da @ db
+        cell = np.digitize(a, edges[0]) * _MI_BINS + np.digitize(b, edges[1])
+        joint += np.bincount(cell, minlength=_MI_BINS * _MI_BINS)
+    varying = n >= 8 and saa > 0 and sbb > 0
+    mi = mutual_info_score(None, None, contingency=joint.reshape(_MI_BINS, _MI_BINS))
     return {
-        "mi_nats": _mutual_information(a, b),
-        "ncc": _pearson(a, b),
+        "mi_nats": float(mi) if varying else None,
+        "ncc": float(sab / np.sqrt(saa * sbb)) if varying else None,
         "covered_fraction": float(inside.mean()),
     }
 
 
-def _norm(a: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(a, [1, 99])
-    return np.clip((a - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+def qa_figure(
+    hr: tio.Image,
+    lr: tio.Image,
+    reg: Registration | None,
+    path: str | os.PathLike,
+    title: str = "",
+) -> Path:
+    """Write the QA PNG (rows: axial, coronal, sagittal; columns: HR, LR, checkerboard, overlay).
 
-
-def qa_figure(hr: tio.Image, moved: tio.Image, path: str | os.PathLike, title: str = "") -> Path:
-    """Write the QA PNG (rows: axial, coronal, sagittal; columns: HR, LR, checkerboard, overlay)."""
+    The three planes through the HR centre, and the LR resampled onto those planes alone
+    (B-spline, as ``lr_hrgrid``); each image's grey values are stretched between the 1st and
+    99th percentile of its three planes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from skimage.util import compare_images
 
-    h = _norm(hr.data[0].numpy().astype(np.float32))
-    m = _norm(moved.data[0].numpy().astype(np.float32))
-    cx, cy, cz = (s // 2 for s in h.shape)
-    planes = [
-        ("axial (z)", h[:, :, cz], m[:, :, cz]),
-        ("coronal (y)", h[:, cy, :], m[:, cy, :]),
-        ("sagittal (x)", h[cx, :, :], m[cx, :, :]),
-    ]
+    shape, affine = hr.spatial_shape, hr.affine
+    moving = to_ants(lr)
+    tx = reg.transform if reg is not None else None
+    cut = {}
+    for name, axis in (("axial (z)", 2), ("coronal (y)", 1), ("sagittal (x)", 0)):
+        c = shape[axis] // 2
+        box = tuple(slice(c, c + 1) if a == axis else slice(0, shape[a]) for a in range(3))
+        h = hr.data[0].numpy()[box].astype(np.float32).squeeze(axis)
+        cut[name] = (h, resample(moving, tx, shape, affine, box, "bspline").squeeze(axis))
+
+    def stretch(k: int):
+        lo, hi = np.percentile(np.concatenate([v[k].ravel() for v in cut.values()]), [1, 99])
+        span = hi - lo if hi > lo else 1.0
+        return [np.clip((v[k] - lo) / span, 0, 1) for v in cut.values()]
+
+    planes = list(zip(cut, stretch(0), stretch(1), strict=True))
     fig, axes = plt.subplots(3, 4, figsize=(12, 9))
     for row, (name, a, b) in zip(axes, planes, strict=True):
         overlay = np.stack([a, b, a], axis=-1)  # HR magenta, LR green

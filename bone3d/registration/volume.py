@@ -19,7 +19,7 @@ Steps:
    resolution levels (shrink 4, 2, 1; smoothing 2, 1, 0 voxels), regular random sampling of 20 %
    seeded by ``seed``.
 3. **Very different spacings**: the metric is evaluated on the HR grid, but the HR image is first
-   smoothed with a Gaussian of sigma = ``fixed_sigma_lr_vox`` LR voxels per axis and, when it is
+   smoothed with a Gaussian (`smooth`) of sigma = ``fixed_sigma_lr_vox`` LR voxels per axis and, when it is
    much finer than the LR scan, resampled to half the finest LR spacing. Matching the detail of
    the two images removes most of the bias mutual information has between a sharp and a blurred
    image of the same structure: on phantoms a sigma of 0.5 LR voxel left 0.19 LR voxel of target
@@ -52,6 +52,9 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 TYPES = ("rigid", "affine")
 INITS = ("auto", "com", "search")
 RETRY_NCC = 0.5  # init="auto": below this correlation after the centre-of-mass start, search
+SLAB_VOXELS = 1 << 23  # voxels per z slab in the slab-wise steps (32 MiB of float32)
+_LPS = np.diag([-1.0, -1.0, 1.0])  # RAS+ (TorchIO, nibabel) <-> LPS (ITK, ANTs)
+_RESAMPLE_MARGIN = 12  # moving voxels kept beyond a box's reach (see `resample`)
 
 
 @dataclass
@@ -93,9 +96,106 @@ class Registration:
         return np.asarray([self.transform.apply_to_point(list(map(float, p))) for p in points_lps])
 
 
+def ants_image(array: np.ndarray, affine) -> ants.ANTsImage:
+    """A float32 ANTs image of an ``(X, Y, Z)`` array on the grid of a RAS+ ``affine`` (TorchIO's
+    convention), in ANTs' ITK/LPS frame. One copy of the voxels (TorchIO's SimpleITK route to
+    ANTs makes three)."""
+    a = np.asarray(affine, float)
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    return ants.from_numpy(
+        np.asarray(array, np.float32),
+        origin=(_LPS @ a[:3, 3]).tolist(),
+        spacing=spacing.tolist(),
+        direction=_LPS @ (a[:3, :3] / spacing),
+    )
+
+
 def to_ants(image: tio.Image) -> ants.ANTsImage:
-    """A TorchIO image as a float32 ANTs image (same physical frame; ITK/LPS)."""
-    return ants.from_sitk(image.as_sitk()).clone("float")
+    """A single-channel TorchIO image as a float32 ANTs image (same physical frame; ITK/LPS)."""
+    return ants_image(image.data[0].numpy(), image.affine)
+
+
+def z_slabs(shape, voxels: int | None = None) -> list[tuple[int, int]]:
+    """``[z0, z1)`` ranges of whole z slices of a grid of ``shape``, about ``voxels`` each
+    (default `SLAB_VOXELS`)."""
+    voxels = SLAB_VOXELS if voxels is None else int(voxels)
+    per = max(1, voxels // max(1, int(shape[0]) * int(shape[1])))
+    return [(z, min(int(shape[2]), z + per)) for z in range(0, int(shape[2]), per)]
+
+
+def box_affine(affine, start) -> np.ndarray:
+    """The RAS+ affine of the sub-grid whose voxel 0 is voxel ``start`` of ``affine``'s grid."""
+    out = np.asarray(affine, float).copy()
+    out[:3, 3] = out[:3, 3] + out[:3, :3] @ np.asarray(start, float)
+    return out
+
+
+def smooth(image: tio.Image, sigma_mm) -> np.ndarray:
+    """A Gaussian of ``sigma_mm`` (mm per axis) over a TorchIO image: ``(X, Y, Z)`` float32.
+
+    ``scipy.ndimage.gaussian_filter1d`` along x, y, z in turn (what ``gaussian_filter`` does;
+    kernel to 4 sigma, edges replicated as ITK's zero-flux Neumann condition does), the x and y
+    passes z slab by z slab (`z_slabs`) and the z pass x slab by x slab into the one output
+    array: the whole-volume result at one volume of memory. Not ``ants.smooth_image``: ITK's
+    discrete Gaussian behind it holds four volumes, truncates its kernel at 32 voxels, and returns
+    NaN everywhere from a sigma of about 27 voxels (a 0.6 mm CT slice over 20 um micro-CT
+    voxels is 30; `tests/test_registration.py`).
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    data = image.data[0].numpy()
+    sd = np.asarray(sigma_mm, float) / np.asarray(image.spacing, float)
+    out = np.empty(data.shape, np.float32)
+    for z0, z1 in z_slabs(data.shape):
+        block = np.asarray(data[..., z0:z1], np.float32)
+        for axis in (0, 1):
+            if sd[axis] > 0:
+                block = gaussian_filter1d(block, sd[axis], axis=axis, mode="nearest", truncate=4.0)
+        out[..., z0:z1] = block
+    if sd[2] > 0:
+        per = max(1, SLAB_VOXELS // max(1, data.shape[1] * data.shape[2]))
+        for x0 in range(0, data.shape[0], per):
+            part = out[x0 : x0 + per]
+            part[...] = gaussian_filter1d(part, sd[2], axis=2, mode="nearest", truncate=4.0)
+    return out
+
+
+def resample(
+    moving: ants.ANTsImage,
+    transform: ants.ANTsTransform | None,
+    shape,
+    affine,
+    box: tuple[slice, slice, slice] | None = None,
+    interpolation: str = "linear",
+) -> np.ndarray:
+    """``moving`` resampled through ``transform`` (HR to LR physical points, as `register`
+    returns; None: identity) onto the voxels ``box`` of the grid ``shape`` / RAS+ ``affine``
+    (default: all), 0 outside the moving field; a float32 array of the box's shape.
+
+    Only the part of ``moving`` the box maps into is passed to ANTs, with 12 voxels more on
+    each side: exact for linear and nearest-neighbour interpolation; for ``bspline`` the
+    prefilter's pole (2 - sqrt 3 = 0.268) leaves 0.268^12 ~ 1e-7 of a voxel value from beyond
+    the margin. So a large grid can be filled box by box (`z_slabs`) at the memory of one box.
+    """
+    box = box or tuple(slice(0, int(n)) for n in shape)
+    start = np.array([s.start for s in box], float)
+    size = [int(s.stop - s.start) for s in box]
+    sub = box_affine(affine, start)
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in size], indexing="ij")).reshape(3, -1)
+    lps = _LPS @ (sub[:3, :3] @ corners + sub[:3, 3:4])
+    if transform is not None:
+        lps = np.array([transform.apply_to_point(tuple(p)) for p in lps.T]).T
+    m_dir = np.asarray(moving.direction, float) * np.asarray(moving.spacing, float)
+    idx = np.linalg.solve(m_dir, lps - np.asarray(moving.origin, float)[:, None])
+    n_m = np.asarray(moving.shape)
+    lo = np.clip(np.floor(idx.min(1)).astype(int) - _RESAMPLE_MARGIN, 0, n_m)
+    hi = np.clip(np.ceil(idx.max(1)).astype(int) + _RESAMPLE_MARGIN + 1, 0, n_m)
+    if np.any(hi <= lo):  # the box maps wholly outside the moving field
+        return np.zeros(size, np.float32)
+    part = ants.crop_indices(moving, lo.tolist(), hi.tolist())
+    tx = transform if transform is not None else ants.new_ants_transform(dimension=3)
+    reference = ants_image(np.zeros(size, np.float32), sub)
+    return tx.apply_to_image(part, reference, interpolation).numpy().astype(np.float32, copy=False)
 
 
 def from_ants(image: ants.ANTsImage, label: bool = False) -> tio.Image:
@@ -152,11 +252,13 @@ def _check_contrast(image: tio.Image, name: str) -> None:
         raise InputError(name, "blank volume (one grey value): nothing to register on")
 
 
-def _fixed_for_metric(hr: ants.ANTsImage, lr_spacing, sigma_lr_vox: float):
+def _fixed_for_metric(hr: tio.Image, lr_spacing, sigma_lr_vox: float):
     hr_sp = np.asarray(hr.spacing, float)
     lr_sp = np.asarray(lr_spacing, float)
     sigma = (sigma_lr_vox * lr_sp).tolist()
-    fixed = ants.smooth_image(hr, sigma, sigma_in_physical_coordinates=True) if sigma_lr_vox else hr
+    data = smooth(hr, sigma) if sigma_lr_vox else hr.data[0].numpy()
+    fixed = ants_image(data, hr.affine)
+    del data
     grid = float(max(hr_sp.min(), lr_sp.min() / 2.0))
     if grid > hr_sp.min() * 1.25:  # only worth resampling when it saves a lot
         fixed = ants.resample_image(fixed, (grid,) * 3, use_voxels=False, interp_type=0)
@@ -249,9 +351,8 @@ def register(
     _check_contrast(hr, "hr")
     _check_contrast(lr, "lr")
     t0 = time.perf_counter()
-    fixed_full = to_ants(hr)
+    fixed, sigma, grid = _fixed_for_metric(hr, lr.spacing, fixed_sigma_lr_vox)
     moving = to_ants(lr)
-    fixed, sigma, grid = _fixed_for_metric(fixed_full, lr.spacing, fixed_sigma_lr_vox)
     ants_mask = None
     if mask is not None:
         if tuple(mask.spatial_shape) != tuple(hr.spatial_shape) or not np.allclose(
