@@ -11,7 +11,10 @@ bone3d's TorchIO pipeline. The exported bundle instead:
   with the training's LR window -> ``SlidingWindowInferer`` (Gaussian blending; for the 2D and
   2.5D variants bone3d's slab inferer, also copied into ``scripts/``) -> the HR window mapped back
   -> ``SaveImaged``. The windows and spacing come from the training's ``data_meta.json``;
-* carries ``models/model.pt`` (a plain state dict), ``metadata.json``, ``logging.conf``,
+* carries ``models/model.pt`` (a plain state dict of what the exported network holds: a
+  network class's ``EXPORT_ARGS`` may build an inference-only form, as FUNIT's averaged
+  generator without the trained one), ``models/model.ts`` (its TorchScript form, MONAI's
+  ``ckpt_export`` run in the exported folder), ``metadata.json``, ``logging.conf``,
   ``docs/README.md`` and ``LICENSE``.
 
 MONAI adds the bundle root to ``sys.path`` before ``run``, so ``scripts`` imports when the bundle
@@ -251,6 +254,46 @@ def inference_config(
     }
 
 
+def _exported_state(net, ckpt: Path) -> dict:
+    """The checkpoint's entries that the exported network holds (all of them, except for a
+    network whose `EXPORT_ARGS` build an inference-only form, e.g. FUNIT's averaged generator
+    without the trained one); refuses a checkpoint that lacks any or has other shapes."""
+    import torch
+
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    want = net.state_dict()
+    missing = [k for k in want if k not in saved]
+    wrong = [k for k in want if k in saved and saved[k].shape != want[k].shape]
+    if missing or wrong:
+        raise InputError(
+            ckpt,
+            f"does not fit the exported network: missing {missing[:3]}, other shapes {wrong[:3]}"
+            " (was it trained with another net_preset?)",
+        )
+    state = {k: saved[k] for k in want}
+    net.load_state_dict(state)
+    return state
+
+
+def _torchscript(root: Path) -> Path:
+    """``models/model.ts``: MONAI's ``ckpt_export`` of the exported bundle, run in its folder as
+    a user would (so the network comes from its ``scripts/``), with ``configs/metadata.json``
+    and ``configs/inference.json`` embedded as TorchScript extra files."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+        "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
+        "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
+        "--bundle_root", ".",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if res.returncode != 0 or not (root / "models" / "model.ts").is_file():
+        raise InputError(root.name, f"ckpt_export failed: {(res.stderr or res.stdout)[-1500:]}")
+    return root / "models" / "model.ts"
+
+
 def export_bundle(
     bundle: str | Path,
     output: str | Path,
@@ -299,6 +342,8 @@ def export_bundle(
         out_channels=scale if (scale and slab is not None) else 1,
         scale=scale,
     )
+    args = {**args, **getattr(cls, "EXPORT_ARGS", {})}
+    state = _exported_state(cls(**args), ckpt)
     module = cls.__module__.rsplit(".", 1)[-1]
     patch = list(parser["patch_size"])
     name = bundle.name
@@ -340,7 +385,10 @@ def export_bundle(
         (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
         shutil.copy(bundle / "configs" / "logging.conf", root / "configs" / "logging.conf")
         shutil.copy(bundle / "LICENSE", root / "LICENSE")
-        shutil.copy(ckpt, root / "models" / "model.pt")
+        import torch
+
+        torch.save(state, root / "models" / "model.pt")
+        _torchscript(root)
         (root / "models" / "data_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         readme = (bundle / "docs" / "README.md").read_text()
         readme += (
@@ -352,7 +400,8 @@ def export_bundle(
             "  --bundle_root . --input_image LR.nii.gz --output_dir out   # writes out/LR_sr.nii.gz\n"
             "```\n\nThe LR scan is resampled to the HR spacing by MONAI's `Spacingd` "
             "(bilinear, voxel-edge extent); `bone3d infer` places the HR grid on the LR field "
-            "of view the same way.\n"
+            "of view the same way. `models/model.ts` is the network alone in TorchScript "
+            "(`torch.jit.load`), made by `python -m monai.bundle ckpt_export`.\n"
         )
         (root / "docs" / "README.md").write_text(readme)
         with atomic_path(output) as tmp_zip:

@@ -45,15 +45,19 @@ def plain_python(tmp_path_factory) -> str:
     return py
 
 
+def _io(model: str, variant: str) -> dict:
+    slab = {"3d": None, "2d": 0, "2p5d": 2}[variant]
+    scale = 2 if model in TAKES_SCALE else None  # post-upsampling models: x2
+    return {"in_channels": 1 if slab is None else 2 * slab + 1,
+            "out_channels": scale if (scale and slab is not None) else 1, "scale": scale}  # fmt: skip
+
+
 def _checkpoint(tmp: Path, model: str, variant: str) -> Path:
     torch.manual_seed(0)
     slab = {"3d": None, "2d": 0, "2p5d": 2}[variant]
     dims = 3 if slab is None else 2
-    scale = 2 if model in TAKES_SCALE else None  # post-upsampling models: x2
-    net = build(
-        model, dims, "tiny", in_channels=1 if slab is None else 2 * slab + 1,
-        out_channels=scale if (scale and slab is not None) else 1, scale=scale,
-    )  # fmt: skip
+    scale = _io(model, variant)["scale"]
+    net = build(model, dims, "tiny", **_io(model, variant))
     ckpt = tmp / "models" / "model.pt"
     ckpt.parent.mkdir(parents=True)
     torch.save(net.state_dict(), ckpt)
@@ -89,6 +93,7 @@ def test_exported_bundle_runs_without_bone3d(
     )
     names = zipfile.ZipFile(zipped).namelist()
     assert f"{bundle}/configs/inference.json" in names and f"{bundle}/models/model.pt" in names
+    assert f"{bundle}/models/model.ts" in names  # MONAI's ckpt_export of the exported network
     cfg = json.loads(zipfile.ZipFile(zipped).read(f"{bundle}/configs/inference.json"))
     assert "bone3d" not in json.dumps(cfg)
     assert cfg["self_ensemble"] is ensemble
@@ -113,6 +118,24 @@ def test_exported_bundle_runs_without_bone3d(
         capture_output=True, text=True, cwd=b,
     )  # fmt: skip
     assert ver.returncode == 0, ver.stdout[-2000:] + ver.stderr[-2000:]
+    # the TorchScript copy computes what the trained network does, on the metadata's input shape
+    saved = torch.load(ckpt, weights_only=True)
+    net = build(model, 3 if variant == "3d" else 2, "tiny", **_io(model, variant)).eval()
+    net.load_state_dict(saved)
+    spec = json.loads((b / "configs" / "metadata.json").read_text())["network_data_format"]
+    x = torch.rand(
+        1, spec["inputs"]["image"]["num_channels"], *spec["inputs"]["image"]["spatial_shape"]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(b / "models" / "model.ts"))(x), net(x))
+    exported_state = torch.load(b / "models" / "model.pt", weights_only=True)
+    if model == "funit":  # the moving average alone: the trained generator stays behind
+        assert not [k for k in exported_state if k.startswith("generator.")]
+        assert sum(v.numel() for v in exported_state.values()) < 0.6 * sum(
+            v.numel() for v in saved.values()
+        )
+    else:
+        assert exported_state.keys() == saved.keys()
     run = subprocess.run(
         [plain_python, "-m", "monai.bundle", "run",
          "--config_file", str(b / "configs" / "inference.json"),

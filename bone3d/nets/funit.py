@@ -167,24 +167,33 @@ class FUNITTranslator(nn.Module):
     average that follows the class encoder of ``generator_test``). Channels as in
     `StarGANTranslator`: ``G`` maps ``in_channels`` to ``in_channels``, ``out_channels`` keeps the
     centre ones.
+
+    ``inference_only=True`` builds ``generator_test`` and the buffers alone (no trained
+    ``generator``, about half the weights): what ``bone3d export`` writes (`EXPORT_ARGS`); its
+    state dict is the full one less the ``generator.`` entries.
     """
+
+    EXPORT_ARGS = {"inference_only": True}
 
     def __init__(
         self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 1, nf: int = 64,
         nf_mlp: int = 256, n_downs_class: int = 4, n_downs_content: int = 3, n_mlp_blks: int = 3,
         n_res_blks: int = 2, latent_dim: int = 64, momentum: float = 0.01,
-        ema_decay: float = 0.999,
+        ema_decay: float = 0.999, inference_only: bool = False,
     ):  # fmt: skip
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.first = centre_offset(in_channels, out_channels)
-        self.generator = FUNITGenerator(
+        generator = FUNITGenerator(
             spatial_dims, in_channels, in_channels, nf, nf_mlp, n_downs_class, n_downs_content,
             n_mlp_blks, n_res_blks, latent_dim,
         )  # fmt: skip
         self.ema_decay = float(ema_decay)
-        self.generator_test = copy.deepcopy(self.generator).requires_grad_(False)
+        if not inference_only:
+            self.generator = generator
+            generator = copy.deepcopy(generator)
+        self.generator_test = generator.requires_grad_(False)
         self.register_buffer("n_averaged", torch.zeros((), dtype=torch.long))
         self.register_buffer("class_code", torch.zeros(1, latent_dim))
         self.register_buffer("n_codes", torch.zeros((), dtype=torch.long))
