@@ -72,7 +72,8 @@ reuses the trained models and SR volumes.
 Trials: ``--bundle-args='--loss#threshold otsu_each'`` appends arguments to every ``monai.bundle
 run`` training; it needs ``--out`` and a ``--work`` of its own (a work folder trained with other
 arguments or epochs is refused) and exports nothing. ``--epochs-3d`` / ``--epochs-2p5d`` with ``--out`` and
-a new ``--work`` try other training lengths. ``--regressor WEIGHT`` fits the frozen morphometry
+a new ``--work`` try other training lengths, ``--patch-3d N`` other 3D patch sides (32 by default:
+1.6 mm at the benchmark's 0.05 mm HR voxels). ``--regressor WEIGHT`` fits the frozen morphometry
 regressor (``bone3d fit-regressor``) on the training HR volumes into the work folder and adds
 its term to every +morpho training; ``--regressor-level isodata`` labels its patches at one level
 (the training HR volumes' pooled IsoData) instead of each patch's own Otsu.
@@ -278,11 +279,13 @@ def _py(args: list[str], log: Path) -> None:
 
 
 def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path, db: Path,
-          epochs: dict, seed: int = 0, extra: list[str] | None = None) -> dict:  # fmt: skip
+          epochs: dict, seed: int = 0, extra: list[str] | None = None,
+          patch_3d: int = 32) -> dict:  # fmt: skip
     """One training through ``monai.bundle run`` with the bundle's ``seed`` set to ``seed``
     (weight initialisation, patch sampling; `monai.utils.set_determinism`) and ``extra``
     arguments appended (``--bundle-args``); skipped when ``run_dir`` holds a finished one,
-    refused when that one was trained with other ``extra`` arguments or epochs."""
+    refused when that one was trained with other ``extra`` arguments, epochs or 3D patch side
+    (``patch_3d`` HR voxels, batches of 4)."""
     from bone3d.engines import bundle_cli_args
 
     b = ROOT / "bundles" / bundle
@@ -292,8 +295,10 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
     n_ep = epochs[variant]
     if done.is_file():  # reused: its train_s is the original training's time
         info = json.loads(done.read_text())
-        had = {"epochs": info.get("epochs"), "bundle arguments": info.get("bundle_args", [])}
-        asked = {"epochs": n_ep, "bundle arguments": extra}
+        had = {"epochs": info.get("epochs"), "bundle arguments": info.get("bundle_args", []),
+               "3D patch": info.get("patch_3d", 32) if variant == "3d" else None}  # fmt: skip
+        asked = {"epochs": n_ep, "bundle arguments": extra,
+                 "3D patch": patch_3d if variant == "3d" else None}  # fmt: skip
         if had != asked:
             print(f"{run_dir} was trained with {had}, not {asked}: use a new --work",
                   file=sys.stderr)  # fmt: skip
@@ -303,7 +308,7 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
     scale = cfg.get("scale") or 1
     names = ["train", variant] + (["morphometry_loss"] if morpho else [])
     if variant == "3d":
-        shape = ["--patch_size", "[32,32,32]", "--batch_size", "4"]
+        shape = ["--patch_size", f"[{patch_3d},{patch_3d},{patch_3d}]", "--batch_size", "4"]
     else:
         shape = ["--patch_size", f"[64,64,{5 * scale}]", "--batch_size", "8"]
     t0 = time.perf_counter()
@@ -324,6 +329,8 @@ def train(bundle: str, variant: str, morpho: bool, datalist: Path, run_dir: Path
     }  # fmt: skip
     if extra:
         info["bundle_args"] = extra
+    if variant == "3d" and patch_3d != 32:
+        info["patch_3d"] = patch_3d
     done.write_text(json.dumps(info, indent=1))
     return info
 
@@ -717,6 +724,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss", nargs="+", default=["plain", "morpho"], choices=["plain", "morpho"])
     ap.add_argument("--epochs-3d", type=int, default=30)
     ap.add_argument("--epochs-2p5d", type=int, default=30)
+    ap.add_argument(
+        "--patch-3d", type=int, default=32,
+        help="side of the 3D training patches in HR voxels (batches of 4; a multiple of 16 for "
+        "the U-Net); a trial: needs --out and a --work of its own",
+    )  # fmt: skip
     ap.add_argument("--phantoms", type=_count, default=2, help="trabecular phantoms (training)")
     ap.add_argument(
         "--cortical-phantoms", type=_count, default=2,
@@ -819,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--bundle-args", args.bundle_args),
         ("--regressor", args.regressor),
         ("--fold", args.fold),
+        ("--patch-3d", args.patch_3d != 32),
     ):
         if used and args.out == ap.get_default("out"):
             ap.error(f"{flag} is a trial: give --out (and a --work of its own)")
@@ -826,7 +839,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--regressor: a weight >= 0, not {args.regressor}")
     if args.regressor_level != "otsu" and not args.regressor:
         ap.error("--regressor-level needs --regressor WEIGHT")
-    if args.bundle_args or args.regressor or args.fold:
+    if args.patch_3d < 16 or args.patch_3d % 16:
+        ap.error(f"--patch-3d: a multiple of 16, not {args.patch_3d}")
+    if args.bundle_args or args.regressor or args.fold or args.patch_3d != 32:
         args.no_export = True
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
     suffix = (
@@ -905,7 +920,8 @@ def main(argv: list[str] | None = None) -> int:
                         name = f"{bundle}-{variant}-{loss}" + (f"-seed{seed}" if seed else "")
                         info = train(bundle, variant, loss == "morpho", datalist,
                                      work / deg / "runs" / name, db, epochs, seed,
-                                     extra[variant] if loss == "morpho" else args.bundle_args)  # fmt: skip
+                                     extra[variant] if loss == "morpho" else args.bundle_args,
+                                     args.patch_3d)  # fmt: skip
                         _log(f"{deg} {_run_key(info)}: trained in {info['train_s']:.0f} s")
                         infos.append(info)
         deg_rows = []
@@ -951,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += deg_rows
         timing[deg] = round(time.perf_counter() - t_deg, 1)
         configs[deg] = {"models": args.models, "variants": args.variants, "loss": args.loss,
-                        "epochs": epochs, "phantoms": args.phantoms,
+                        "epochs": epochs, "patch_3d": args.patch_3d, "phantoms": args.phantoms,
                         "cortical_phantoms": args.cortical_phantoms,
                         "sparse_phantoms": args.sparse_phantoms, "seed": args.seed,
                         "train_seeds": args.train_seeds,

@@ -365,6 +365,15 @@ def test_bundle_args_trial_needs_its_own_output_and_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:  # nor a training of another length
         fid.train(*args, {"3d": 2})
     assert err.value.code == 2 and "'epochs': 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # nor one on other 3D patches
+        fid.train(*args, {"3d": 1}, patch_3d=48)
+    assert err.value.code == 2 and "'3D patch': 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # the patch side is a trial too
+        fid.main(["--patch-3d", "48"])
+    assert err.value.code == 2 and "--patch-3d is a trial" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        fid.main(["--patch-3d", "40", "--out", str(tmp_path / "f.json")])
+    assert err.value.code == 2 and "a multiple of 16" in capsys.readouterr().err
 
 
 def test_grey_bias_separates_an_offset_from_blur():
