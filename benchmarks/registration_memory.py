@@ -2,7 +2,8 @@
 
 A simulated pair (`bone3d.data.simulate.scan_pair`, the ``hrpqct`` preset by default) with an HR
 core of ``--hr-size``^3 voxels at ``--hr-spacing`` mm is registered into a temporary folder while
-a thread samples this process's resident set size (RSS) every 2 ms. Printed: the peak RSS above
+a thread samples this process's resident set size (RSS) every 2 ms (``measure`` of
+``benchmarks/morphometry.py``). Printed: the peak RSS above
 the RSS with both scans loaded, in MB and in HR volumes (the HR scan's float32 bytes), and the
 wall time. The slab-wise steps (`bone3d.registration.volume.smooth` and ``resample``, the
 streamed ``lr_hrgrid``) hold a fixed ~0.5 GB of slab buffers, so the ratio falls towards about
@@ -16,39 +17,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import tempfile
-import threading
-import time
+from pathlib import Path
 
 import numpy as np
-import psutil
 
 from bone3d.data.phantom import make_phantom
-from bone3d.data.simulate import scan_pair
+from bone3d.data.simulate import PRESETS, scan_pair
 from bone3d.registration.pairing import register_pair
 
-
-class PeakRSS:
-    """The largest RSS seen by a sampling thread between `reset` and `peak`."""
-
-    def __init__(self, every_s: float = 0.002):
-        self.proc, self.every, self.top = psutil.Process(), every_s, 0
-        self.stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self.top = max(self.top, self.proc.memory_info().rss)
-            time.sleep(self.every)
-
-    def reset(self) -> int:
-        time.sleep(0.05)
-        self.top = now = self.proc.memory_info().rss
-        return now
-
-    def peak(self) -> int:
-        time.sleep(0.05)
-        return self.top
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from morphometry import measure  # noqa: E402  (the morphometry benchmark's RSS sampler)
 
 
 def main() -> None:
@@ -57,8 +37,10 @@ def main() -> None:
     )
     ap.add_argument("--hr-size", type=int, default=300, help="HR core side in voxels")
     ap.add_argument("--hr-spacing", type=float, default=0.0205, help="HR voxel size in mm")
-    ap.add_argument("--preset", default="hrpqct")
+    ap.add_argument("--preset", default="hrpqct", choices=sorted(PRESETS))
     args = ap.parse_args()
+    if args.hr_size < 16 or args.hr_spacing <= 0:
+        ap.error("--hr-size: at least 16 voxels; --hr-spacing: a positive size in mm")
 
     side = int(round(args.hr_size * 1.4))  # the specimen the LR scanner sees
     spec = make_phantom(shape=(side,) * 3, spacing_mm=args.hr_spacing, tb_th_mm=0.12, seed=0).image
@@ -67,13 +49,8 @@ def main() -> None:
     del spec, pair
     gc.collect()
     hr_bytes = int(np.prod(hr.spatial_shape)) * 4
-    rss = PeakRSS()
-    base = rss.reset()
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bone3d-regmem-") as out:
-        rec = register_pair(hr, lr, out, name="memory")
-    wall = time.perf_counter() - t0
-    above = rss.peak() - base
+        rec, wall, above = measure(register_pair, hr, lr, out, name="memory")
     print(
         f"HR {hr.spatial_shape} ({hr_bytes / 1e6:.0f} MB float32), LR {lr.spatial_shape}, "
         f"{args.preset}; accepted {rec['accepted']}, NCC {rec['similarity_after']['ncc']:.3f}"

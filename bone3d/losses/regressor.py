@@ -4,9 +4,10 @@ morphometric parameters", made differentiable by a network trained in-project.
 `MorphometryRegressor` maps a grey patch (N, 1, *spatial), intensities windowed to [0, 1], to the
 standardised morphometry of *that patch's own* segmentation: BV/TV, Tb.Th (mm), Tb.Sp (mm) and
 Conn.D (mm^-3), measured by `bone3d.morphometry.metrics.morphometry` (BoneJ conventions) after
-Otsu's threshold, or after one level for every patch (``level``; `patch_morphometry`). `fit_regressor` trains it on patches of HR micro-CT *and* of degraded copies
-(Gaussian blur, noise), each labelled with its own measurement, so it has seen blurred,
-thick-looking bone as well as sharp bone: a regressor that saw only HR could not tell a blurred
+Otsu's threshold, or after one level for every patch (``level``; `patch_morphometry`).
+`fit_regressor` trains it on patches of HR micro-CT *and* of degraded copies (Gaussian blur,
+noise), each labelled with its own measurement, so it has seen blurred, thick-looking bone as
+well as sharp bone: a regressor that saw only HR could not tell a blurred
 prediction from a sharp one. `RegressorLoss` then compares the frozen regressor's outputs on
 prediction and target (L1 on standardised values). A 2D regressor (for 2D/2.5D generators)
 is trained on slices and predicts what is defined in a section: BA/TA and the in-plane local

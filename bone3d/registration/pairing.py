@@ -40,7 +40,14 @@ from bone3d.data.simulate import crop_to_lr_field, lr_affine
 from bone3d.errors import InputError
 from bone3d.io import nifti_slab_writer, write_json, write_volume
 from bone3d.registration.qa import coverage_mask, qa_figure, resample_lr, similarity
-from bone3d.registration.volume import register, resample, to_ants, write_transform, z_slabs
+from bone3d.registration.volume import (
+    box_affine,
+    register,
+    resample,
+    to_ants,
+    write_transform,
+    z_slabs,
+)
 
 log = logging.getLogger("bone3d.registration")
 
@@ -105,11 +112,8 @@ def largest_covered_box(covered: np.ndarray) -> tuple[slice, slice, slice] | Non
 
 
 def _crop(image: tio.Image, box) -> tio.Image:
-    start = np.asarray([s.start for s in box], float)
-    affine = np.asarray(image.affine, float).copy()
-    affine[:3, 3] = affine[:3, 3] + affine[:3, :3] @ start
     data = image.data[(slice(None), *box)]  # a view: crop_to_lr_field copies what is kept
-    return type(image)(tensor=data, affine=affine)
+    return type(image)(tensor=data, affine=box_affine(image.affine, [s.start for s in box]))
 
 
 def _write_lr_hrgrid(lr: tio.Image, hr: tio.Image, reg, path: Path) -> Path:

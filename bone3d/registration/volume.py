@@ -19,8 +19,8 @@ Steps:
    resolution levels (shrink 4, 2, 1; smoothing 2, 1, 0 voxels), regular random sampling of 20 %
    seeded by ``seed``.
 3. **Very different spacings**: the metric is evaluated on the HR grid, but the HR image is first
-   smoothed with a Gaussian (`smooth`) of sigma = ``fixed_sigma_lr_vox`` LR voxels per axis and, when it is
-   much finer than the LR scan, resampled to half the finest LR spacing. Matching the detail of
+   smoothed with a Gaussian (`smooth`) of sigma = ``fixed_sigma_lr_vox`` LR voxels per axis
+   and, when it is much finer than the LR scan, resampled to half the finest LR spacing. Matching the detail of
    the two images removes most of the bias mutual information has between a sharp and a blurred
    image of the same structure: on phantoms a sigma of 0.5 LR voxel left 0.19 LR voxel of target
    registration error with the ``mdct`` preset, 0.9-1.1 LR voxel left 0.07-0.1 (see
