@@ -858,7 +858,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("export", help="a trained bundle as a zip that runs in MONAI without bone3d")
+    p = sub.add_parser(
+        "export",
+        help="a trained bundle as a zip that runs (inference.json) and fine-tunes (train.json) "
+        "in MONAI without bone3d",
+    )
     p.add_argument("bundle", help="bundle folder (with configs/ and models/)")
     p.add_argument("--variant", default="3d", help="variant config (3d, 2d, 2p5d)")
     p.add_argument("-o", "--output", required=True, help="the .zip to write")

@@ -11,6 +11,10 @@ bone3d's TorchIO pipeline. The exported bundle instead:
   with the training's LR window -> ``SlidingWindowInferer`` (Gaussian blending; for the 2D and
   2.5D variants bone3d's slab inferer, also copied into ``scripts/``) -> the HR window mapped back
   -> ``SaveImaged``. The windows and spacing come from the training's ``data_meta.json``;
+* has a ``train.json`` that fine-tunes those weights on the user's registered LR/HR pairs, with
+  MONAI's dictionary transforms, ``CacheDataset``, ``SupervisedTrainer`` and checkpoint handlers,
+  bone3d's paired-grid transforms (`bone3d.engines.plain`) and morphometry loss
+  (`bone3d.losses.morphometry`) copied into ``scripts/`` (`train_config`);
 * carries ``models/model.pt`` (a plain state dict of what the exported network holds: a
   network class's ``EXPORT_ARGS`` may build an inference-only form, as FUNIT's averaged
   generator without the trained one), ``models/model.ts`` (its TorchScript form, MONAI's
@@ -19,7 +23,9 @@ bone3d's TorchIO pipeline. The exported bundle instead:
 
 MONAI adds the bundle root to ``sys.path`` before ``run``, so ``scripts`` imports when the bundle
 is run with ``python -m monai.bundle run --config_file <bundle>/configs/inference.json``.
-Only inference is exported: training needs bone3d's data pipeline.
+bone3d's own training (TorchIO queues, GAN engines, the frozen regressor) is not exported: the
+fine-tuning config trains the exported network alone, a GAN's generator without its
+discriminator.
 """
 
 from __future__ import annotations
@@ -81,8 +87,14 @@ def upsampled_grid(scale: int):
 '''
 
 
+# the one bone3d import of bone3d.losses.morphometry: its optional regressor term (lazy)
+_REGRESSOR_IMPORT = "            from bone3d.losses.regressor import RegressorLoss\n"
+
+
 def _copy_scripts(dest: Path, modules: list[str], slab: bool) -> None:
+    import bone3d.engines.plain as plain
     import bone3d.inference as inference
+    import bone3d.losses.morphometry as morphometry_loss
     import bone3d.nets as nets
 
     dest.mkdir(parents=True)
@@ -100,6 +112,16 @@ def _copy_scripts(dest: Path, modules: list[str], slab: bool) -> None:
     if "from bone3d" in src:
         raise InputError("bone3d.inference.ensemble", "imports bone3d; cannot export")
     (dest / "ensemble.py").write_text(src)
+    src = Path(plain.__file__).read_text()
+    if "from bone3d" in src or "import bone3d" in src:
+        raise InputError("bone3d.engines.plain", "imports bone3d; cannot export")
+    (dest / "plain.py").write_text(src)
+    src = Path(morphometry_loss.__file__).read_text()
+    if src.count("from bone3d") != 1 or _REGRESSOR_IMPORT not in src:
+        raise InputError("bone3d.losses.morphometry", "imports bone3d; cannot export")
+    # the frozen regressor (bone3d fit-regressor) is not exported: its term needs bone3d
+    no_regressor = '            raise ValueError("the regressor term needs bone3d")\n'
+    (dest / "morphometry_loss.py").write_text(src.replace(_REGRESSOR_IMPORT, no_regressor))
 
 
 def _json_value(v):
@@ -128,28 +150,14 @@ def inference_config(
     roi = [int(p) // s for p in patch]
     lr0, lr1 = (float(x) for x in meta["lr_range"])
     hr0, hr1 = (float(x) for x in meta["hr_range"])
-    if slab is None:
-        inferer = {
-            "_target_": "SlidingWindowInferer",
-            "roi_size": roi,
-            "sw_batch_size": sw_batch,
-            "overlap": overlap,
-            "mode": "gaussian",
-        }
-    else:
-        inferer = {
-            "_target_": "scripts.slab.SlabInferer",
-            "roi_size": roi,
-            "slab": slab,
-            "sw_batch_size": sw_batch,
-            "overlap": overlap,
-        }
+    inferer = _inferer(roi, sw_batch, overlap, slab)
     return {
         "imports": ["$import os", "$import torch", "$import monai"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "input_image": "lr.nii.gz",
         "output_dir": "$@bundle_root + '/eval'",
+        "ckpt_path": "$@bundle_root + '/models/model.pt'",
         "hr_spacing_mm": [float(v) for v in meta["hr_spacing_mm"]],
         "scale": s,
         "lr_range": [lr0, lr1],
@@ -158,7 +166,7 @@ def inference_config(
         "network": "$@network_def.to(@device)",
         "self_ensemble": bool(self_ensemble),
         "ensemble": {"_target_": "scripts.ensemble.FlipEnsemble", "network": "@network"},
-        "predict_network": "$@ensemble if @self_ensemble else @network",
+        "predict_network": "$@ensemble if str(@self_ensemble).lower() == 'true' else @network",
         "preprocessing": {
             "_target_": "Compose",
             "transforms": [
@@ -233,7 +241,7 @@ def inference_config(
         "handlers": [
             {
                 "_target_": "CheckpointLoader",
-                "load_path": "$@bundle_root + '/models/model.pt'",
+                "load_path": "@ckpt_path",
                 "load_dict": {"model": "@network"},
                 "map_location": "@device",
             },
@@ -254,25 +262,299 @@ def inference_config(
     }
 
 
-def _exported_state(net, ckpt: Path) -> dict:
-    """The checkpoint's entries that the exported network holds (all of them, except for a
-    network whose `EXPORT_ARGS` build an inference-only form, e.g. FUNIT's averaged generator
-    without the trained one); refuses a checkpoint that lacks any or has other shapes."""
-    import torch
+def _inferer(roi, sw_batch, overlap, slab) -> dict:
+    """The sliding-window inferer of the exported configs: MONAI's, or for 2D and 2.5D models
+    bone3d's slab inferer (copied into ``scripts/``)."""
+    if slab is None:
+        return {
+            "_target_": "SlidingWindowInferer",
+            "roi_size": roi,
+            "sw_batch_size": sw_batch,
+            "overlap": overlap,
+            "mode": "gaussian",
+        }
+    return {
+        "_target_": "scripts.slab.SlabInferer",
+        "roi_size": roi,
+        "slab": slab,
+        "sw_batch_size": sw_batch,
+        "overlap": overlap,
+    }
 
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    want = net.state_dict()
-    missing = [k for k in want if k not in saved]
-    wrong = [k for k in want if k in saved and saved[k].shape != want[k].shape]
-    if missing or wrong:
-        raise InputError(
-            ckpt,
-            f"does not fit the exported network: missing {missing[:3]}, other shapes {wrong[:3]}"
-            " (was it trained with another net_preset?)",
-        )
-    state = {k: saved[k] for k in want}
-    net.load_state_dict(state)
-    return state
+
+def _morphometry_defaults(bundle: Path) -> dict | None:
+    """bone3d's morphometry-loss settings (``bundles/common/morphometry_loss_base.json``): the
+    weights, the loss's constructor arguments and the warm-up iterations; None without it."""
+    f = bundle.parent / "common" / "morphometry_loss_base.json"
+    if not f.is_file():
+        return None
+    cfg = json.loads(f.read_text())
+    radii = cfg["morphometry_loss_radii"]
+    return {
+        "weights": {k: v for k, v in cfg["morphometry_loss"].items() if k != "regressor"},
+        "args": {
+            "pixel": cfg["loss"]["pixel"],
+            "threshold": cfg["loss"]["threshold"],
+            "temperature": cfg["loss"]["temperature"],
+            "thickness_radius": int(radii[0]),
+            "spacing_radius": int(radii[1]),
+        },
+        "warmup": int(cfg["morphometry_loss_warmup"]),
+    }
+
+
+def train_config(
+    target: str, args: dict, meta: dict, patch, sw_batch, overlap, slab, scale=None,
+    morphometry: dict | None = None, patches_per_step: int = 2,
+) -> dict:  # fmt: skip
+    """The exported ``train.json``: fine-tunes the exported weights on registered LR/HR pairs
+    in plain MONAI (the module docstring of `bone3d.engines.plain` has the data path).
+
+    The datalist is bone3d's (MONAI decathlon style, ``image`` = LR, ``target`` = HR on the
+    network's HR spacing; ``training`` and optionally ``validation`` lists). The windows, HR
+    spacing, patch size and inferer are the training's; a step takes ``batch_size`` (1) volumes,
+    ``samples_per_volume`` (``patches_per_step``, the training's batch size) patches from each. The loss is ``morphometry``'s
+    `bone3d.losses.MorphometryLoss` (its module copied into ``scripts/``; ``--morphometry false``
+    or no ``morphometry``: the L1 pixel loss), ramped in over its warm-up iterations without the
+    pixel-only pre-training (the weights are trained). A GAN's generator is fine-tuned by that
+    loss alone: the discriminator is not exported.
+
+    Writes into ``output_dir`` (``finetune/``): ``checkpoint_epoch=N.pt`` every epoch (model,
+    optimiser, trainer; a rerun resumes from the newest) and ``model.pt``, the best weights on
+    the validation pairs by PSNR (the last epoch's without validation pairs), which
+    ``inference.json --ckpt_path finetune/model.pt`` runs. ``models/model.pt`` is never written.
+    """
+    s = int(scale) if scale else 1
+    lr0, lr1 = (float(x) for x in meta["lr_range"])
+    hr0, hr1 = (float(x) for x in meta["hr_range"])
+    keys = ["image", "target"]
+
+    def load(pack: bool) -> list:
+        return [
+            {"_target_": "LoadImaged", "keys": keys, "image_only": True},
+            {"_target_": "EnsureChannelFirstd", "keys": keys},
+            {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32"},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": "$@lr_range[0]",
+             "a_max": "$@lr_range[1]", "b_min": 0.0, "b_max": 1.0, "clip": False},
+            {"_target_": "ScaleIntensityRanged", "keys": "target", "a_min": "$@hr_range[0]",
+             "a_max": "$@hr_range[1]", "b_min": 0.0, "b_max": 1.0, "clip": False},
+            {"_target_": "scripts.plain.PairGridd", "hr_spacing_mm": "@hr_spacing_mm",
+             "scale": "@scale", "pack": pack},
+        ]  # fmt: skip
+
+    augment = [
+        {"_target_": "SpatialPadd", "keys": keys, "spatial_size": "@roi_size", "mode": "edge"},
+        {"_target_": "RandSpatialCropSamplesd", "keys": keys, "roi_size": "@roi_size",
+         "num_samples": "@samples_per_volume", "random_size": False},
+        *([{"_target_": "scripts.plain.Unpackd", "scale": "@scale"}] if s > 1 else []),
+        *({"_target_": "RandFlipd", "keys": keys, "prob": 0.5, "spatial_axis": ax}
+          for ax in range(3)),
+        *([{"_target_": "scripts.plain.SlabChannelsd", "slab": "@slab", "scale": "@scale"}]
+          if slab is not None else []),
+    ]  # fmt: skip
+    pixel = {"_target_": "torch.nn.L1Loss"}
+    if morphometry:
+        loss = "$@morphometry_loss_fn if str(@morphometry).lower() == 'true' else @pixel_loss"
+        loss_parts = {
+            "morphometry": True,
+            "morphometry_loss": morphometry["weights"],
+            "morphometry_loss_warmup": int(morphometry["warmup"]),
+            "pixel_loss": pixel,
+            "morphometry_loss_fn": {
+                "_target_": "scripts.morphometry_loss.MorphometryLoss",
+                "weights": "@morphometry_loss",
+                **morphometry["args"],
+            },
+        }
+        warmup = [
+            {
+                "_target_": "scripts.morphometry_loss.MorphometryWarmup",
+                "_disabled_": "$str(@morphometry).lower() != 'true'",
+                "loss": "@loss",
+                "iterations": "@morphometry_loss_warmup",
+            }
+        ]
+    else:
+        loss, loss_parts, warmup = pixel, {}, []
+    saver = "scripts.plain.atomic_checkpoint_saver"
+    return {
+        "imports": ["$import os", "$import torch", "$import monai"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "datalist": "datalist.json",
+        "training_data": {
+            "_target_": "scripts.plain.datalist_pairs",
+            "datalist": "@datalist",
+            "split": "training",
+        },
+        "validation_data": {
+            "_target_": "scripts.plain.datalist_pairs",
+            "datalist": "@datalist",
+            "split": "validation",
+            "required": False,
+        },
+        "output_dir": "$@bundle_root + '/finetune'",
+        "init_weights": "$@bundle_root + '/models/model.pt'",
+        "resume": True,
+        "last_checkpoint": {
+            "_target_": "scripts.plain.latest_checkpoint",
+            "ckpt_dir": "@output_dir",
+        },
+        "resume_from": "$@last_checkpoint if str(@resume).lower() == 'true' else None",
+        "hr_spacing_mm": [float(v) for v in meta["hr_spacing_mm"]],
+        "scale": s,
+        "slab": slab,
+        "lr_range": [lr0, lr1],
+        "hr_range": [hr0, hr1],
+        "patch_size": [int(p) for p in patch],
+        "roi_size": "$[p // @scale for p in @patch_size]",
+        "batch_size": 1,
+        "samples_per_volume": int(patches_per_step),
+        "max_epochs": 10,
+        "val_interval": 1,
+        "learning_rate": 1e-4,
+        "seed": 0,
+        "network_def": {"_target_": target, **_json_value(args)},
+        "network": "$@network_def.requires_grad_(True).to(@device)",
+        **loss_parts,
+        "loss": loss,
+        "optimizer": {
+            "_target_": "torch.optim.Adam",
+            "params": "$@network.parameters()",
+            "lr": "@learning_rate",
+        },
+        "inferer": _inferer([int(p) // s for p in patch], sw_batch, overlap, slab),
+        "train": {
+            "preprocessing": {"_target_": "Compose", "transforms": load(s > 1) + augment},
+            "dataset": {
+                "_target_": "CacheDataset",
+                "data": "@training_data",
+                "transform": "@train#preprocessing",
+                "num_workers": 0,
+            },
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@train#dataset",
+                "batch_size": "@batch_size",
+                "shuffle": True,
+                "num_workers": 0,
+            },
+            "handlers": [
+                {
+                    "_target_": "CheckpointLoader",
+                    "_disabled_": "$@resume_from is not None",
+                    "load_path": "@init_weights",
+                    "load_dict": {"model": "@network"},
+                    "map_location": "@device",
+                },
+                *warmup,
+                {
+                    "_target_": "ValidationHandler",
+                    "_disabled_": "$not @validation_data",
+                    "validator": "@validate#evaluator",
+                    "epoch_level": True,
+                    "interval": "@val_interval",
+                },
+                {
+                    "_target_": "StatsHandler",
+                    "tag_name": "train_loss",
+                    "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
+                },
+                {
+                    "_target_": saver,
+                    "_disabled_": "$bool(@validation_data)",
+                    "save_dir": "@output_dir",
+                    "save_dict": {"model": "@network"},
+                    "save_final": True,
+                    "final_filename": "model.pt",
+                },
+            ],
+            "trainer": {
+                "_target_": "SupervisedTrainer",
+                "device": "@device",
+                "max_epochs": "@max_epochs",
+                "train_data_loader": "@train#dataloader",
+                "network": "@network",
+                "optimizer": "@optimizer",
+                "loss_function": "@loss",
+                "prepare_batch": {"_target_": "scripts.plain.pair_batch", "_mode_": "callable"},
+                "train_handlers": "@train#handlers",
+                "amp": False,
+            },
+            "checkpointer": {
+                "_target_": saver,
+                "save_dir": "@output_dir",
+                "save_dict": {
+                    "model": "@network",
+                    "optimizer": "@optimizer",
+                    "trainer": "@train#trainer",
+                },
+                "save_interval": 1,
+                "n_saved": 1,
+            },
+            "resumer": {
+                "_target_": "CheckpointLoader",
+                "_disabled_": "$@resume_from is None",
+                "load_path": "@resume_from",
+                "load_dict": {
+                    "model": "@network",
+                    "optimizer": "@optimizer",
+                    "trainer": "@train#trainer",
+                },
+                "map_location": "@device",
+            },
+        },
+        "validate": {
+            "preprocessing": {"_target_": "Compose", "transforms": load(False)},
+            "dataset": {
+                "_target_": "CacheDataset",
+                "data": "@validation_data",
+                "transform": "@validate#preprocessing",
+                "num_workers": 0,
+            },
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@validate#dataset",
+                "batch_size": 1,
+                "shuffle": False,
+                "num_workers": 0,
+            },
+            "handlers": [
+                {"_target_": "StatsHandler", "iteration_log": False},
+                {
+                    "_target_": saver,
+                    "save_dir": "@output_dir",
+                    "save_dict": {"model": "@network"},
+                    "save_key_metric": True,
+                    "key_metric_filename": "model.pt",
+                },
+            ],
+            "key_metric": {
+                "val_psnr": {
+                    "_target_": "PeakSignalToNoiseRatio",
+                    "max_val": 1.0,
+                    "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
+                }
+            },
+            "evaluator": {
+                "_target_": "SupervisedEvaluator",
+                "device": "@device",
+                "val_data_loader": "@validate#dataloader",
+                "network": "@network",
+                "inferer": "@inferer",
+                "prepare_batch": {"_target_": "scripts.plain.pair_batch", "_mode_": "callable"},
+                "key_val_metric": "@validate#key_metric",
+                "val_handlers": "@validate#handlers",
+                "amp": False,
+            },
+        },
+        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
+        "run": [
+            "$@train#checkpointer.attach(@train#trainer)",
+            "$@train#resumer.attach(@train#trainer) if @train#resumer is not None else None",
+            "$@train#trainer.run()",
+        ],
+    }
 
 
 def _torchscript(root: Path) -> Path:
@@ -309,7 +591,7 @@ def export_bundle(
 
     from bone3d.engines import bundle_configs
     from bone3d.inference import read_meta
-    from bone3d.nets import build_spec
+    from bone3d.nets import build_spec, load_weights
 
     bundle = Path(bundle)
     if not (bundle / "configs" / "inference.json").is_file():
@@ -341,9 +623,9 @@ def export_bundle(
         in_channels=1 if slab is None else 2 * int(slab) + 1,
         out_channels=scale if (scale and slab is not None) else 1,
         scale=scale,
+        inference=True,
     )
-    args = {**args, **getattr(cls, "EXPORT_ARGS", {})}
-    state = _exported_state(cls(**args), ckpt)
+    state = load_weights(cls(**args), ckpt)
     module = cls.__module__.rsplit(".", 1)[-1]
     patch = list(parser["patch_size"])
     name = bundle.name
@@ -353,7 +635,7 @@ def export_bundle(
         (root / "configs").mkdir()
         (root / "models").mkdir()
         (root / "docs").mkdir()
-        cfg = inference_config(
+        common = (
             f"scripts.{module}.{cls.__name__}",
             args,
             meta,
@@ -362,15 +644,24 @@ def export_bundle(
             float(parser["sw_overlap"]),
             None if slab is None else int(slab),
             scale,
-            bool(parser["self_ensemble"]) if self_ensemble is None else self_ensemble,
+        )
+        cfg = inference_config(
+            *common, bool(parser["self_ensemble"]) if self_ensemble is None else self_ensemble
         )
         (root / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
+        morphometry = _morphometry_defaults(bundle)
+        train = train_config(*common, morphometry, int(parser.get("batch_size", 2)))
+        (root / "configs" / "train.json").write_text(json.dumps(train, indent=4) + "\n")
         metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
         metadata["required_packages_version"] = {
             k: v for k, v in metadata["required_packages_version"].items() if k == "nibabel"
         }
+        if morphometry:  # train.json's morphometry loss takes its Otsu level with scikit-image
+            import skimage
+
+            metadata["required_packages_version"]["scikit-image"] = skimage.__version__
         metadata["changelog"] = {
-            metadata["version"]: f"exported by bone3d ({variant} variant, inference only)",
+            metadata["version"]: f"exported by bone3d ({variant} variant; inference, fine-tuning)",
             **metadata["changelog"],
         }
         out_shape = patch if slab is None else patch[:2]
@@ -393,15 +684,42 @@ def export_bundle(
         readme = (bundle / "docs" / "README.md").read_text()
         readme += (
             f"\n## This exported copy\n\nExported by `bone3d export` ({variant} variant, weights "
-            f"from `{ckpt.name}`): inference only, with MONAI components and the network code in "
-            "`scripts/`; bone3d is not needed.\n\n```bash\n"
+            f"from `{ckpt.name}`): inference and fine-tuning with MONAI components and the "
+            "network code in `scripts/`; bone3d is not needed.\n\n```bash\n"
             "python -m monai.bundle run --config_file configs/inference.json "
             "--meta_file configs/metadata.json --logging_file configs/logging.conf \\\n"
             "  --bundle_root . --input_image LR.nii.gz --output_dir out   # writes out/LR_sr.nii.gz\n"
             "```\n\nThe LR scan is resampled to the HR spacing by MONAI's `Spacingd` "
             "(bilinear, voxel-edge extent); `bone3d infer` places the HR grid on the LR field "
             "of view the same way. `models/model.ts` is the network alone in TorchScript "
-            "(`torch.jit.load`), made by `python -m monai.bundle ckpt_export`.\n"
+            "(`torch.jit.load`), made by `python -m monai.bundle ckpt_export`.\n\n"
+            "### Fine-tuning on your own scans\n\n```bash\n"
+            "python -m monai.bundle run --config_file configs/train.json "
+            "--meta_file configs/metadata.json --logging_file configs/logging.conf \\\n"
+            "  --bundle_root . --datalist /data/datalist.json --max_epochs 20 "
+            "[--tracking mlflow]\n"
+            "python -m monai.bundle run --config_file configs/inference.json "
+            "--bundle_root . --ckpt_path finetune/model.pt --input_image LR.nii.gz\n"
+            "```\n\nThe datalist is MONAI decathlon style: `training` (and, for choosing the "
+            'best epoch by PSNR, `validation`) lists of `{"image": LR, "target": HR}`, '
+            "paths relative to the datalist, each HR registered to its LR (same field of view; "
+            "`bone3d register` writes such pairs) and at this model's HR spacing "
+            f"({', '.join(f'{v:g}' for v in meta['hr_spacing_mm'])} mm). The LR is resampled "
+            "onto the network's input grid derived from the HR's, both are mapped to the "
+            "training's intensity windows, and random patches of the training's size are "
+            "drawn with random flips. The loss is "
+            + (
+                "bone3d's morphometry-aware loss (`scripts/morphometry_loss.py`: pixel L1 plus "
+                "soft BV/TV, thickness, spacing, Euler and fabric terms; needs scikit-image; "
+                "`--morphometry false` for the L1 loss alone)"
+                if morphometry
+                else "the L1 pixel loss"
+            )
+            + ". Checkpoints go to `finetune/` every epoch and an interrupted run resumes "
+            "from the newest (`--resume false` starts again from `models/model.pt`, which is "
+            "never overwritten); `finetune/model.pt` holds the best weights on the validation "
+            "pairs (the last epoch's without them). A GAN's discriminator is not exported: "
+            "its generator is fine-tuned by that loss alone.\n"
         )
         (root / "docs" / "README.md").write_text(readme)
         with atomic_path(output) as tmp_zip:

@@ -28,3 +28,18 @@ def shared_data() -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def phantom_pairs(tmp_path_factory) -> Path:
+    """``datalist.json`` of three simulated ``hrpqct`` phantom pairs, 40^3 HR voxels at 50 um
+    (LR on its own grid, HR on the HR grid of the LR field), split 1/1/1. Read-only."""
+    from bone3d.data.prepare import prepare
+
+    return prepare(
+        tmp_path_factory.mktemp("phantom_pairs") / "data",
+        phantoms=3,
+        preset="hrpqct",
+        phantom_shape=(40, 40, 40),
+        progress=False,
+    )

@@ -106,15 +106,9 @@ def test_verify_net_in_out_and_ckpt_export(bundle, tmp_path):
         torch.testing.assert_close(scripted(x), net(x))
 
 
-@pytest.fixture(scope="module")
-def datalist(tmp_path_factory):
-    return prepare(
-        tmp_path_factory.mktemp("bundles") / "data",
-        phantoms=3,
-        preset="hrpqct",
-        phantom_shape=(40, 40, 40),
-        progress=False,
-    )
+@pytest.fixture
+def datalist(phantom_pairs):
+    return phantom_pairs
 
 
 @pytest.mark.slow

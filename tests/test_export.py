@@ -147,10 +147,11 @@ def test_exported_bundle_runs_without_bone3d(
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     exported = read_volume(work / "out" / "lr_sr.nii.gz")
 
-    def infer(out: Path, *extra: str):
+    def infer(out: Path, *extra: str, weights: Path = ckpt):
         res = subprocess.run(
             [sys.executable, "-m", "bone3d.cli", "infer", str(ROOT / "bundles" / bundle),
-             str(lr_path), "-o", str(out), "--variant", variant, "--checkpoint", str(ckpt), *extra],
+             str(lr_path), "-o", str(out), "--variant", variant, "--checkpoint", str(weights),
+             *extra],
             capture_output=True, text=True,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr[-2000:]
@@ -170,6 +171,14 @@ def test_exported_bundle_runs_without_bone3d(
     a, e = ref.data.numpy().ravel(), exported.data.numpy().ravel()
     assert np.corrcoef(a, e)[0, 1] > 0.999
     assert np.abs(a - e).mean() < 0.01 * (a.max() - a.min())
+    # the exported weights go back into the in-repository bundle (FUNIT's: the averaged
+    # generator alone, which is all its inference uses), giving the same volume
+    back = infer(
+        tmp_path / "back.nii.gz",
+        "--self-ensemble" if ensemble else "--no-self-ensemble",
+        weights=b / "models" / "model.pt",
+    )
+    np.testing.assert_array_equal(back.data.numpy(), ref.data.numpy())
     # bone3d infer also runs the exported copy (how benchmarks/results/best_bundle is re-checked)
     again = tmp_path / "again.nii.gz"
     res = subprocess.run(
@@ -190,6 +199,19 @@ def test_exported_bundle_runs_without_bone3d(
     a, e = other.data.numpy().ravel(), read_volume(switched).data.numpy().ravel()
     assert np.corrcoef(a, e)[0, 1] > 0.999
     assert np.abs(a - e).mean() < 0.01 * (a.max() - a.min())
+    # ... as does MONAI's command line, as the exported README writes it (the word, a string)
+    run = subprocess.run(
+        [plain_python, "-m", "monai.bundle", "run",
+         "--config_file", str(b / "configs" / "inference.json"), "--bundle_root", str(b),
+         "--input_image", str(lr_path), "--output_dir", str(work / "switched"),
+         "--self_ensemble", "false" if ensemble else "true"],
+        capture_output=True, text=True, cwd=work,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    np.testing.assert_array_equal(
+        read_volume(work / "switched" / "lr_sr.nii.gz").data.numpy(),
+        read_volume(switched).data.numpy(),
+    )
 
 
 def test_export_refuses_an_untrained_bundle(tmp_path):
@@ -198,3 +220,156 @@ def test_export_refuses_an_untrained_bundle(tmp_path):
     with pytest.raises(InputError, match="no such variant"):
         export_bundle(ROOT / "bundles" / "unet_sr", tmp_path / "o.zip", "4d")
     assert not (tmp_path / "o.zip").exists()
+
+
+def test_load_weights_takes_what_the_network_holds(tmp_path):
+    """A training checkpoint fills the inference-only form; a file of another preset or variant
+    is refused by name."""
+    from bone3d.nets import build, load_weights
+
+    torch.manual_seed(0)
+    full = build("funit", 3, "tiny")
+    torch.save(full.state_dict(), tmp_path / "full.pt")
+    small = build("funit", 3, "tiny", inference=True)
+    assert len(small.state_dict()) < len(full.state_dict())
+    loaded = load_weights(small, tmp_path / "full.pt")
+    assert loaded.keys() == small.state_dict().keys()
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), full.eval()(x))
+    torch.save(build("unet", 3, "tiny").state_dict(), tmp_path / "unet.pt")
+    with pytest.raises(InputError, match="does not fit the network"):
+        load_weights(build("unet", 2, "tiny"), tmp_path / "unet.pt")
+
+
+def _monai_pair(datalist: Path, scale: int, pack: bool) -> dict:
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from bone3d.data.datalist import datalist_meta
+    from bone3d.engines.plain import PairGridd, datalist_pairs
+
+    meta = datalist_meta(datalist)
+    item = datalist_pairs(datalist, "training")[0]
+    load = Compose([LoadImaged(["image", "target"], image_only=True), EnsureChannelFirstd(["image", "target"])])  # fmt: skip
+    return PairGridd(meta["hr_spacing_mm"], scale=scale, pack=pack)(load(item))
+
+
+@pytest.mark.parametrize("scale", [None, 2])
+def test_monai_pair_grid_is_bone3d_training_grid(phantom_pairs, scale):
+    """The exported fine-tuning's MONAI pair (`bone3d.engines.plain.PairGridd`) puts the LR on
+    the grid bone3d's TorchIO training uses, with the same values, and packs the same target."""
+    from bone3d.data.datalist import datalist_meta
+    from bone3d.data.patches import load_subjects, pair_transform
+
+    meta = datalist_meta(phantom_pairs)
+    subject = load_subjects(str(phantom_pairs), "training")[0]
+    # intensity windows aside (ScaleIntensityRanged in the exported config): the grids alone
+    ref = pair_transform({**meta, "lr_range": [0, 1], "hr_range": [0, 1]}, scale=scale)(subject)
+    got = _monai_pair(phantom_pairs, scale or 1, pack=True)
+    lr_ref, lr_got = ref["image"].data.numpy(), np.asarray(got["image"])
+    assert lr_got.shape == lr_ref.shape
+    np.testing.assert_allclose(np.asarray(got["image"].affine), ref["image"].affine, atol=1e-6)
+    # trilinear both; ITK and torch's grid_sample differ only in float rounding
+    np.testing.assert_allclose(lr_got, lr_ref, atol=1e-5 * np.ptp(lr_ref))
+    np.testing.assert_array_equal(np.asarray(got["target"]), ref["target"].data.numpy())
+    if scale:  # packed: s^3 channels on the LR grid, so one crop cuts both
+        assert got["target"].shape == (8, *lr_got.shape[1:])
+
+
+def test_monai_pair_grid_refuses_bad_pairs(phantom_pairs, tmp_path):
+    """Another HR spacing, an LR that does not cover the HR field, NaN: a clear error that
+    names the file; nothing is written."""
+    from monai.data import MetaTensor
+
+    from bone3d.engines.plain import PairGridd
+
+    got = _monai_pair(phantom_pairs, 1, pack=False)
+    lr, hr = got["image"], got["target"]
+    before = sorted(p.name for p in Path(phantom_pairs).parent.rglob("*"))
+    grid = PairGridd([0.05, 0.05, 0.05])
+    with pytest.raises(ValueError, match="not the network's HR spacing"):
+        PairGridd([0.04, 0.04, 0.04])({"image": lr, "target": hr})
+    shifted = np.array(hr.affine)
+    shifted[:3, 3] += 1.0  # 1 mm off: past the LR field
+    with pytest.raises(ValueError, match="outside the field of view"):
+        grid({"image": lr, "target": MetaTensor(hr.as_tensor(), affine=shifted)})
+    bad = lr.clone()
+    bad[0, 3, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        grid({"image": bad, "target": hr})
+    with pytest.raises(ValueError, match=r"\(C, X, Y, Z\)"):
+        grid({"image": lr[0], "target": hr})
+    assert sorted(p.name for p in Path(phantom_pairs).parent.rglob("*")) == before
+
+
+def _monai_run(python: str, bundle: Path, config: str, *args: str, cwd: Path):
+    res = subprocess.run(
+        [python, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / config),
+         "--meta_file", str(bundle / "configs" / "metadata.json"),
+         "--logging_file", str(bundle / "configs" / "logging.conf"),
+         "--bundle_root", str(bundle), *args],
+        capture_output=True, text=True, cwd=cwd,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "bundle, model, variant, morphometry",
+    [("unet_sr", "unet", "3d", True), ("rcan", "rcan", "2p5d", False)],
+)
+def test_exported_bundle_fine_tunes_without_bone3d(
+    bundle, model, variant, morphometry, phantom_pairs, plain_python, tmp_path
+):
+    """``configs/train.json`` of an exported bundle trains in plain MONAI on bone3d's datalist:
+    the fine-tuned weights reproduce the HR better than the exported ones, a second run resumes
+    from the last epoch, the exported weights stay untouched, and the inference config runs
+    the fine-tuned weights. Pre-upsampling 3D with the morphometry loss; post-upsampling 2.5D
+    (x2) with the L1 loss."""
+    from bone3d.data.datalist import datalist_meta
+
+    meta = datalist_meta(phantom_pairs)
+    ckpt = _checkpoint(tmp_path, model, variant)
+    data_meta = json.loads((ckpt.parent / "data_meta.json").read_text())
+    data_meta.update(lr_range=meta["lr_range"], hr_range=meta["hr_range"])
+    (ckpt.parent / "data_meta.json").write_text(json.dumps(data_meta))
+    zipped = export_bundle(ROOT / "bundles" / bundle, tmp_path / "out.zip", variant, ckpt)
+    zipfile.ZipFile(zipped).extractall(tmp_path / "x")
+    b = tmp_path / "x" / bundle
+    train = json.loads((b / "configs" / "train.json").read_text())
+    assert "bone3d" not in json.dumps(train)
+    metadata = json.loads((b / "configs" / "metadata.json").read_text())
+    assert "scikit-image" in metadata["required_packages_version"]  # the morphometry loss's
+    exported = (b / "models" / "model.pt").read_bytes()
+
+    args = ["--datalist", str(phantom_pairs), "--learning_rate", "0.003", "--samples_per_volume", "4",
+            "--morphometry", str(morphometry).lower()]  # fmt: skip
+    log = _monai_run(plain_python, b, "train.json", *args, "--max_epochs", "6", cwd=tmp_path)
+    assert "Epoch: 6/6" in log
+    ft = b / "finetune"
+    assert (ft / "model.pt").is_file() and (ft / "checkpoint_epoch=6.pt").is_file()
+    assert (b / "models" / "model.pt").read_bytes() == exported  # never written
+    if morphometry:  # the morphometry terms were on (ramped in from 0 over the warm-up)
+        assert train["loss"].startswith("$@morphometry_loss_fn")
+
+    # the fine-tuned network is closer to the HR of the validation pair than the exported one
+    val = json.loads(Path(phantom_pairs).read_text())["validation"][0]
+    lr_path, hr_path = (Path(phantom_pairs).parent / val[k] for k in ("image", "target"))
+    hr = read_volume(hr_path).data.numpy()[0]
+
+    def error(*extra: str) -> float:
+        out = tmp_path / f"out{len(extra)}"
+        _monai_run(plain_python, b, "inference.json", "--input_image", str(lr_path),
+                   "--output_dir", str(out), *extra, cwd=tmp_path)  # fmt: skip
+        sr = read_volume(next(out.glob("*_sr.nii.gz"))).data.numpy()[0]
+        n = [min(a, c) for a, c in zip(sr.shape, hr.shape, strict=True)]
+        return float(np.abs(sr[: n[0], : n[1], : n[2]] - hr[: n[0], : n[1], : n[2]]).mean())
+
+    before, after = error(), error("--ckpt_path", str(ft / "model.pt"))
+    assert after < 0.7 * before, (before, after)
+
+    # an interrupted (here: finished) run resumes from its newest checkpoint, not from epoch 1
+    log = _monai_run(plain_python, b, "train.json", *args, "--max_epochs", "7", cwd=tmp_path)
+    assert "Epoch: 7/7" in log and "Epoch: 1/7" not in log
+    assert (ft / "checkpoint_epoch=7.pt").is_file()

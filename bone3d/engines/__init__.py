@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from bone3d.engines.plain import atomic_checkpoint_saver, latest_checkpoint  # noqa: F401
 from bone3d.io import write_figure
 from bone3d.io import write_json as save_json  # noqa: E402 - the name bundle configs call
 
@@ -64,22 +65,6 @@ def tracking_enabled(save_execute_config) -> bool:
     is enabled only then, so untracked runs do not create MLflow runs.
     """
     return save_execute_config is not True
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint_epoch=N.pt`` (model, optimiser, scheduler, trainer) in
-    ``ckpt_dir``, or None. Written by the bundles' ``CheckpointSaver`` every epoch."""
-    import re
-
-    best, best_epoch = None, -1
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return None
-    for f in folder.glob("checkpoint_epoch=*.pt"):
-        m = re.search(r"epoch=(\d+)\.pt$", f.name)
-        if m and int(m.group(1)) > best_epoch:
-            best, best_epoch = str(f), int(m.group(1))
-    return best
 
 
 def resume_state(ckpt_dir: str | os.PathLike, resume: bool) -> str | None:
@@ -276,21 +261,3 @@ class ValidationArtifacts:
                 client.log_artifact(
                     runs[0].info.run_id, str(metrics), artifact_path=f"validation/epoch_{epoch:04d}"
                 )
-
-
-def atomic_checkpoint_saver(**kwargs):
-    """MONAI ``CheckpointSaver`` whose files are written atomically (temp file + rename).
-
-    MONAI builds ignite ``DiskSaver``s with ``atomic=False`` (for group-readable files), so a
-    training killed while saving leaves a truncated ``checkpoint_epoch=N.pt`` that the next run
-    would try to resume from. Switching the savers back to ignite's atomic mode keeps the last
-    complete checkpoint in place until the new one is whole.
-    """
-    from monai.handlers import CheckpointSaver
-
-    saver = CheckpointSaver(**kwargs)
-    for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
-        cp = getattr(saver, name, None)
-        if cp is not None and hasattr(cp.save_handler, "_atomic"):
-            cp.save_handler._atomic = True  # ignite DiskSaver's own switch
-    return saver

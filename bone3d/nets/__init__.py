@@ -167,10 +167,15 @@ def build_spec(
     in_channels: int = 1,
     out_channels: int = 1,
     scale=None,
+    inference: bool = False,
     **kwargs,
 ) -> tuple[type, dict]:
     """The class and constructor arguments `build` uses (``bone3d export`` writes them into a
-    bundle config that needs no bone3d)."""
+    bundle config that needs no bone3d).
+
+    ``inference``: the class's inference-only form, its ``EXPORT_ARGS`` (FUNIT's averaged
+    generator without the trained one); `load_weights` fills it from a training checkpoint or an
+    exported one alike."""
     if name not in REGISTRY:
         raise InputError("network", f"unknown network {name!r}; choose from {sorted(REGISTRY)}")
     entry = REGISTRY[name]
@@ -187,6 +192,8 @@ def build_spec(
         args["out_channels"] = out_channels
     if name in TAKES_SCALE:
         args["scale"] = scale if scale is not None else 2
+    if inference:
+        args.update(getattr(entry.cls, "EXPORT_ARGS", {}))
     return entry.cls, args
 
 
@@ -201,6 +208,31 @@ def build(name: str, *args, **kwargs) -> nn.Module:
         return cls(**spec)
     except (TypeError, ValueError) as err:
         raise InputError(name, str(err)) from None
+
+
+def load_weights(net: nn.Module, path, map_location="cpu") -> dict:
+    """Load the state dict saved at ``path`` into ``net`` and return what was loaded.
+
+    Takes the entries ``net`` holds and ignores others (a training checkpoint of a network
+    whose inference-only form, `build_spec` ``inference``, holds a part of it); refuses, with
+    an `InputError`, a file that lacks any of them or holds them in other shapes."""
+    import torch
+
+    saved = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+        saved = saved["model"]  # a MONAI CheckpointSaver's training checkpoint
+    want = net.state_dict()
+    missing = [k for k in want if k not in saved]
+    wrong = [k for k in want if k in saved and saved[k].shape != want[k].shape]
+    if missing or wrong:
+        raise InputError(
+            path,
+            f"does not fit the network: missing {missing[:3]}, other shapes {wrong[:3]}"
+            " (was it trained with another net_preset or variant?)",
+        )
+    state = {k: saved[k] for k in want}
+    net.load_state_dict(state)
+    return state
 
 
 def n_parameters(model: nn.Module) -> int:
