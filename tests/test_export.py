@@ -341,6 +341,10 @@ def test_exported_bundle_fine_tunes_without_bone3d(
     assert "bone3d" not in json.dumps(train)
     metadata = json.loads((b / "configs" / "metadata.json").read_text())
     assert "scikit-image" in metadata["required_packages_version"]  # the morphometry loss's
+    from monai.bundle import verify_metadata  # model-zoo conformance of the exported metadata
+
+    schema = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+    verify_metadata(meta_file=str(b / "configs" / "metadata.json"), filepath=str(schema))
     exported = (b / "models" / "model.pt").read_bytes()
 
     args = ["--datalist", str(phantom_pairs), "--learning_rate", "0.003", "--samples_per_volume", "4",
