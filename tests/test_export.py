@@ -349,8 +349,20 @@ def test_exported_bundle_fine_tunes_without_bone3d(
 
     args = ["--datalist", str(phantom_pairs), "--learning_rate", "0.003", "--samples_per_volume", "4",
             "--morphometry", str(morphometry).lower()]  # fmt: skip
-    log = _monai_run(plain_python, b, "train.json", *args, "--max_epochs", "6", cwd=tmp_path)
+    db = tmp_path / "mlruns.db"
+    tracking = ["--tracking", "mlflow", "--tracking_uri", f"sqlite:///{db}"] if morphometry else []
+    log = _monai_run(
+        plain_python, b, "train.json", *args, "--max_epochs", "6", *tracking, cwd=tmp_path
+    )
     assert "Epoch: 6/6" in log
+    if tracking:  # MONAI's own MLflow settings find the trainer and validator by their ids
+        import mlflow
+
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+        runs = [
+            r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+        ]
+        assert len(runs) == 1 and {"train_loss", "val_psnr"} <= set(runs[0].data.metrics)
     ft = b / "finetune"
     assert (ft / "model.pt").is_file() and (ft / "checkpoint_epoch=6.pt").is_file()
     assert (b / "models" / "model.pt").read_bytes() == exported  # never written
