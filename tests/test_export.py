@@ -237,6 +237,11 @@ def test_load_weights_takes_what_the_network_holds(tmp_path):
     x = torch.rand(1, 1, 16, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(x), full.eval()(x))
+    # ... and strictly, as MONAI's ckpt_export loads the in-repository bundle's network_def
+    again = build("funit", 3, "tiny", inference=True)
+    again.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), full(x))
     torch.save(build("unet", 3, "tiny").state_dict(), tmp_path / "unet.pt")
     with pytest.raises(InputError, match="does not fit the network"):
         load_weights(build("unet", 2, "tiny"), tmp_path / "unet.pt")

@@ -170,7 +170,8 @@ class FUNITTranslator(nn.Module):
 
     ``inference_only=True`` builds ``generator_test`` and the buffers alone (no trained
     ``generator``, about half the weights): what ``bone3d export`` writes (`EXPORT_ARGS`); its
-    state dict is the full one less the ``generator.`` entries.
+    state dict is the full one less the ``generator.`` entries, and it loads a training
+    checkpoint too (strictly, those entries set aside), as MONAI's ``ckpt_export`` does.
     """
 
     EXPORT_ARGS = {"inference_only": True}
@@ -199,6 +200,11 @@ class FUNITTranslator(nn.Module):
         self.register_buffer("n_codes", torch.zeros((), dtype=torch.long))
         self.momentum = float(momentum)
         self.out_channels = out_channels
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not hasattr(self, "generator"):  # inference-only: the trained generator is not held
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("generator.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.jit.unused
     def update_test(self) -> None:
