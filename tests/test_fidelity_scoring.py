@@ -13,12 +13,17 @@ import pytest
 from bone3d.data.phantom import make_phantom
 
 
-def _fidelity():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
-    spec = importlib.util.spec_from_file_location("fidelity_benchmark", path)
+def _benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _fidelity():
+    return _benchmark("fidelity")
 
 
 def test_baseline_rows_do_not_change_with_the_other_methods():
@@ -621,3 +626,52 @@ def test_da_sampling_check_measures_what_the_benchmark_measures(tmp_path, capsys
     assert r1["ratio"] == pytest.approx(r1["method_mare"] / r1["lr_mare"])
     assert ds.main(["--work", str(tmp_path), "--method", "SR"]) == 2
     assert "no fidelity work folder" in capsys.readouterr().err
+
+
+def test_verdict_uncertainty_resamples_donors_not_sub_vois(tmp_path, capsys):
+    """benchmarks/verdict_uncertainty.py: the ratio is the benchmark's (`fidelity.summarise`),
+    leaving a donor out is the summary without its rows, and when donors differ while their
+    sub-VOIs agree, the donor bootstrap's interval is wider than the sub-VOI bootstrap's."""
+    vu, fid = _benchmark("verdict_uncertainty"), _fidelity()
+    assert vu.FIDELITY == fid.FIDELITY
+    # the model's relative error is 0.2 in three donors and 1.5 in the fourth, LR's 0.5 in all
+    sr_err = {"d0": 0.2, "d1": 0.2, "d2": 0.2, "d3": 1.5}
+    rows = []
+    for d, e in sr_err.items():
+        for i in range(8):
+            hr = {p: 1.0 + 0.1 * i for p in fid.FIDELITY}
+            for m, err in (("HR", 0.0), ("LR trilinear", 0.5), ("SR", e)):
+                vals = {p: v * (1 + err) for p, v in hr.items()}
+                rows.append({"degradation": "hrpqct", "split": "test", "specimen": d,
+                             "voi": f"b{i}", "method": m, "psnr_db": 20.0, "ssim": 0.5,
+                             "tb_n_per_mm": 1.0, **vals})  # fmt: skip
+    result = {"rows": rows, "acceptance": {"hrpqct": {"best": "SR"}}}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(result))
+    tagged = [{**r, "_file": str(f)} for r in rows]
+    b = vu.bootstrap(vu.donor_errors(tagged, "SR", "da"), 0.5, False, 4000, 0)
+    s = fid.summarise(rows)
+    assert b["ratio"] == pytest.approx(s["SR"]["da_mare"] / s["LR trilinear"]["da_mare"])
+    assert b["ratio"] == pytest.approx((3 * 0.2 + 1.5) / 4 / 0.5)  # 1.05
+    without = fid.summarise([r for r in rows if r["specimen"] != "d3"])
+    assert b["leave_one_donor_out"]["d3"] == pytest.approx(
+        without["SR"]["da_mare"] / without["LR trilinear"]["da_mare"]
+    )
+    assert b["leave_one_donor_out"]["d3"] == pytest.approx(0.4)
+    lo, hi = b["donor_interval"]
+    assert lo == pytest.approx(0.4) and hi > 1.5  # no d3 drawn ... d3 drawn three times or more
+    assert 0.2 < b["share_meeting_target"] < 0.5  # P(d3 not drawn) = (3/4)^4 = 0.32
+    vlo, vhi = b["voi_interval"]
+    assert hi - lo > 1.5 * (vhi - vlo)
+    # identical donors: nothing to resample, the interval is the point
+    same = [r for r in tagged if r["specimen"] != "d3"]
+    flat = vu.bootstrap(vu.donor_errors(same, "SR", "da"), 0.5, False, 500, 0)
+    assert flat["donor_interval"] == pytest.approx([0.4, 0.4]) and flat["share_meeting_target"] == 1
+    # the command: the best model named in the file, a table and the JSON
+    out = tmp_path / "u.json"
+    assert vu.main([str(f), "--json", str(out), "--resamples", "500"]) == 0
+    assert "hrpqct, SR, test" in capsys.readouterr().out
+    saved = json.loads(out.read_text())["hrpqct"]
+    assert saved["method"] == "SR" and set(saved["params"]) == set(fid.FIDELITY)
+    with pytest.raises(SystemExit):
+        vu.main([str(f), "--resamples", "5"])
