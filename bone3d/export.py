@@ -396,11 +396,11 @@ def train_config(
         "output_dir": "$@bundle_root + '/finetune'",
         "init_weights": "$@bundle_root + '/models/model.pt'",
         "resume": True,
-        "last_checkpoint": {
-            "_target_": "scripts.plain.latest_checkpoint",
+        "resume_from": {
+            "_target_": "scripts.plain.resume_checkpoint",
             "ckpt_dir": "@output_dir",
+            "resume": "@resume",
         },
-        "resume_from": "$@last_checkpoint if str(@resume).lower() == 'true' else None",
         "hr_spacing_mm": [float(v) for v in meta["hr_spacing_mm"]],
         "scale": s,
         "slab": slab,
@@ -717,7 +717,8 @@ def export_bundle(
             )
             + ". Checkpoints go to `finetune/` every epoch and an interrupted run resumes "
             "from the newest (`--resume false` starts again from `models/model.pt`, which is "
-            "never overwritten); `finetune/model.pt` holds the best weights on the validation "
+            "never overwritten, and refuses a `finetune/` that holds an earlier run's "
+            "checkpoints); `finetune/model.pt` holds the best weights on the validation "
             "pairs (the last epoch's without them). A GAN's discriminator is not exported: "
             "its generator is fine-tuned by that loss alone.\n"
         )

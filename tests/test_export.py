@@ -394,3 +394,11 @@ def test_exported_bundle_fine_tunes_without_bone3d(
     log = _monai_run(plain_python, b, "train.json", *args, "--max_epochs", "7", cwd=tmp_path)
     assert "Epoch: 7/7" in log and "Epoch: 1/7" not in log
     assert (ft / "checkpoint_epoch=7.pt").is_file()
+    # starting again over an earlier run's checkpoints is refused (a later resume would mix them)
+    res = subprocess.run(
+        [plain_python, "-m", "monai.bundle", "run", "--config_file", str(b / "configs" / "train.json"),
+         "--bundle_root", str(b), *args, "--resume", "false"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode != 0 and "holds checkpoints of an earlier run" in res.stderr
+    assert (ft / "checkpoint_epoch=7.pt").is_file()

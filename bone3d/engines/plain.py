@@ -41,6 +41,22 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
     return best
 
 
+def resume_checkpoint(ckpt_dir: str | os.PathLike, resume) -> str | None:
+    """The exported fine-tuning's start: with ``resume`` (True or the word ``true``, as MONAI's
+    command line passes it) the newest checkpoint in ``ckpt_dir`` (None when there is none);
+    without, None, refusing a ``ckpt_dir`` that already holds checkpoints (a later resumed run
+    would otherwise pick the earlier run's newest epoch)."""
+    last = latest_checkpoint(ckpt_dir)
+    if str(resume).strip().lower() in ("true", "1", "yes"):
+        return last
+    if last is not None:
+        raise FileExistsError(
+            f"{ckpt_dir} holds checkpoints of an earlier run ({Path(last).name}); move it away or "
+            "pass another --output_dir to start again, or drop --resume false to continue it"
+        )
+    return None
+
+
 def atomic_checkpoint_saver(**kwargs):
     """MONAI ``CheckpointSaver`` whose files are written atomically (temp file + rename).
 
