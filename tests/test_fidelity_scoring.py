@@ -642,8 +642,9 @@ def test_verdict_uncertainty_resamples_donors_not_sub_vois(tmp_path, capsys):
             hr = {p: 1.0 + 0.1 * i for p in fid.FIDELITY}
             for m, err in (("HR", 0.0), ("LR trilinear", 0.5), ("SR", e)):
                 vals = {p: v * (1 + err) for p, v in hr.items()}
+                psnr = {"HR": 99.0, "LR trilinear": 20.0, "SR": 21.0 if d == "d3" else 23.0}[m]
                 rows.append({"degradation": "hrpqct", "split": "test", "specimen": d,
-                             "voi": f"b{i}", "method": m, "psnr_db": 20.0, "ssim": 0.5,
+                             "voi": f"b{i}", "method": m, "psnr_db": psnr, "ssim": 0.5,
                              "tb_n_per_mm": 1.0, **vals})  # fmt: skip
     result = {"rows": rows, "acceptance": {"hrpqct": {"best": "SR"}}}
     f = tmp_path / "r.json"
@@ -663,6 +664,17 @@ def test_verdict_uncertainty_resamples_donors_not_sub_vois(tmp_path, capsys):
     assert 0.2 < b["share_meeting_target"] < 0.5  # P(d3 not drawn) = (3/4)^4 = 0.32
     vlo, vhi = b["voi_interval"]
     assert hi - lo > 1.5 * (vhi - vlo)
+    # the other targets: the PSNR gain (2.5 dB; under 2 only when d3 is drawn 3+ times, p = 0.05)
+    # and R as the benchmark computes them
+    other = vu.other_targets(tagged, "SR", 4000, 0)
+    assert other["psnr_gain_db"]["value"] == pytest.approx(2.5)
+    assert other["psnr_gain_db"]["leave_one_donor_out"]["d3"] == pytest.approx(3.0)
+    assert 0.9 < other["psnr_gain_db"]["share_meeting_target"] < 0.99
+    for p in ("bv_tv", "tb_th_mm", "tb_sp_mm"):
+        assert other[f"{p}_r"]["value"] == pytest.approx(s["SR"][f"{p}_r"])
+        assert other[f"{p}_r"]["leave_one_donor_out"]["d3"] == pytest.approx(
+            without["SR"][f"{p}_r"]
+        )
     # identical donors: nothing to resample, the interval is the point
     same = [r for r in tagged if r["specimen"] != "d3"]
     flat = vu.bootstrap(vu.donor_errors(same, "SR", "da"), 0.5, False, 500, 0)
