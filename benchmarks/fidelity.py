@@ -213,7 +213,7 @@ def hr_volumes(n_phantoms: int, seed: int, n_cortical: int = 0, n_sparse: int = 
 
 
 def donor_split(
-    volumes: list[dict], n_test: int, n_val: int, seed: int, fold: int = 0
+    volumes: list[dict], n_test: int, n_val: int, seed: int, fold: int = 0, test_fold: int = 0
 ) -> dict[str, list[str]]:
     """Test and validation donors drawn (seeded) from the single-ROI BoneBox donors; the donor
     with several ROIs, LHDL and the phantoms always train. Returns volume ids per split.
@@ -221,11 +221,23 @@ def donor_split(
     ``fold`` k > 0 keeps the test donors and takes the validation donors from the next ``n_val``
     places of the same seeded order (k = 0 is the headline split; donor-wise cross-validation
     over the non-test donors, so that a setting can be judged on more donors than one split
-    holds); the previous validation donors then train."""
+    holds); the previous validation donors then train.
+
+    ``test_fold`` t > 0 rotates the seeded order by ``t * n_test`` places first, so the test
+    donors are the order's t-th block of ``n_test`` and validation follows them (cyclically):
+    test folds 0, 1, ... test disjoint donors, and with ``n_test`` dividing their number every
+    single-ROI donor is tested once (outer cross-validation; t = 0 is the headline split)."""
     donors = sorted({v["donor"] for v in volumes})
     per = {d: [v["id"] for v in volumes if v["donor"] == d] for d in donors}
     candidates = [d for d in donors if d.startswith("bonebox_") and len(per[d]) == 1]
     order = list(np.random.default_rng(seed).permutation(candidates))
+    start = test_fold * n_test
+    if test_fold < 0 or start + n_test > len(order):
+        raise ValueError(
+            f"test fold {test_fold}: {len(order)} single-ROI donors hold "
+            f"{len(order) // max(n_test, 1)} test folds of {n_test}"
+        )
+    order = order[start:] + order[:start]
     lo = n_test + fold * n_val
     if fold < 0 or lo + n_val > len(order):
         raise ValueError(
@@ -795,6 +807,14 @@ def main(argv: list[str] | None = None) -> int:
         "and exports nothing; benchmarks/cross_validation.py pools the folds' validation rows",
     )  # fmt: skip
     ap.add_argument(
+        "--test-fold", type=_count, default=0,
+        help="outer cross-validation: 0 (default) the headline split; t > 0 tests the t-th "
+        "block of --test donors of the seeded order instead (disjoint from the other test "
+        "folds; with --test 2, folds 0-4 test each single-ROI donor once), validation the "
+        "donors after them. Needs --out and a work folder of its own, exports nothing; "
+        "benchmarks/verdict_uncertainty.py FILE... --method NAME pools the folds' test rows",
+    )  # fmt: skip
+    ap.add_argument(
         "--regressor", type=float, default=0.0, metavar="WEIGHT",
         help="a trial: fit the frozen morphometry regressor (bone3d fit-regressor with its "
         "defaults; 3D, and 2D for 2.5D) on each degradation's training HR volumes into "
@@ -831,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--bundle-args", args.bundle_args),
         ("--regressor", args.regressor),
         ("--fold", args.fold),
+        ("--test-fold", args.test_fold),
         ("--patch-3d", args.patch_3d != 32),
     ):
         if used and args.out == ap.get_default("out"):
@@ -841,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--regressor-level needs --regressor WEIGHT")
     if args.patch_3d < 16 or args.patch_3d % 16:
         ap.error(f"--patch-3d: a multiple of 16, not {args.patch_3d}")
-    if args.bundle_args or args.regressor or args.fold or args.patch_3d != 32:
+    if args.bundle_args or args.regressor or args.fold or args.test_fold or args.patch_3d != 32:
         args.no_export = True
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
     suffix = (
@@ -872,9 +893,11 @@ def main(argv: list[str] | None = None) -> int:
     _log("HR volumes")
     volumes = hr_volumes(args.phantoms, args.seed, args.cortical_phantoms, args.sparse_phantoms)
     try:
-        split = donor_split(volumes, args.test, args.validation, args.seed, args.fold)
+        split = donor_split(
+            volumes, args.test, args.validation, args.seed, args.fold, args.test_fold
+        )
     except ValueError as e:
-        print(f"--fold: {e}", file=sys.stderr)
+        print(f"--fold / --test-fold: {e}", file=sys.stderr)
         return 2
     _log(f"split: test {split['test']}, validation {split['validation']}, "
          f"{len(split['training'])} training volumes")  # fmt: skip
@@ -974,7 +997,8 @@ def main(argv: list[str] | None = None) -> int:
                         "self_ensemble": args.self_ensemble,
                         "bundle_args": args.bundle_args,
                         "regressor_weight": args.regressor,
-                        "regressor_level": args.regressor_level, "fold": args.fold}  # fmt: skip
+                        "regressor_level": args.regressor_level, "fold": args.fold,
+                        "test_fold": args.test_fold}  # fmt: skip
         if args.fold:
             print_table(deg, val_summary[deg], "validation")
         else:
@@ -1031,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
             "volumes": [{k: v[k] for k in ("id", "donor", "source")} for v in volumes],
             "split": split,
             "fold": args.fold,
+            "test_fold": args.test_fold,
             "sub_vois_per_volume": 8,
             "sub_vois_without_bone": {
                 "rule": f"left out for every method when under {MIN_BONE:.0%} of the sub-VOI "

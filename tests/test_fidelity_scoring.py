@@ -353,6 +353,9 @@ def test_bundle_args_trial_needs_its_own_output_and_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:  # and a cross-validation fold
         fid.main(["--fold", "1"])
     assert err.value.code == 2 and "--fold is a trial" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # and an outer (test) fold
+        fid.main(["--test-fold", "1"])
+    assert err.value.code == 2 and "--test-fold is a trial" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
         fid.main(["--regressor", "-1", "--out", str(tmp_path / "f.json")])
     assert err.value.code == 2 and "a weight >= 0" in capsys.readouterr().err
@@ -537,6 +540,30 @@ def test_cross_validation_folds_keep_the_test_donors_and_rotate_validation():
         assert {"bonebox_99999_0", "lhdl"} <= set(f["training"]) and len(f["training"]) == 8
     with pytest.raises(ValueError, match="3 folds of 2"):
         fid.donor_split(vols, 4, 2, 0, fold=3)
+
+
+def test_test_folds_test_every_single_roi_donor_once():
+    """fidelity.donor_split(test_fold=t): disjoint test donors per fold, all ten single-ROI
+    donors tested once over five folds of two; validation never overlaps test; fold 0 is the
+    headline split; a fold past the donors is refused."""
+    fid = _fidelity()
+    vols = [{"id": f"bonebox_{i:05d}_1", "donor": f"bonebox_{i:05d}"} for i in range(10)]
+    vols += [{"id": f"bonebox_99999_{k}", "donor": "bonebox_99999"} for k in range(3)]
+    vols += [{"id": "lhdl", "donor": "lhdl"}]
+    assert fid.donor_split(vols, 4, 2, 0, test_fold=0) == fid.donor_split(vols, 4, 2, 0)
+    folds = [fid.donor_split(vols, 2, 2, 0, test_fold=t) for t in range(5)]
+    tested = [i for f in folds for i in f["test"]]
+    assert len(tested) == 10 and len(set(tested)) == 10
+    for f in folds:
+        assert not set(f["test"]) & set(f["validation"]) and len(f["validation"]) == 2
+        assert {"bonebox_99999_0", "lhdl"} <= set(f["training"]) and len(f["training"]) == 10
+        assert len(set(f["test"]) | set(f["validation"]) | set(f["training"])) == 14
+    # with cross-validation inside a test fold: the same test donors, validation rotating
+    inner = [fid.donor_split(vols, 2, 2, 0, fold=k, test_fold=3) for k in range(4)]
+    assert all(f["test"] == folds[3]["test"] for f in inner)
+    assert len({v for f in inner for v in f["validation"]}) == 8
+    with pytest.raises(ValueError, match="5 test folds of 2"):
+        fid.donor_split(vols, 2, 2, 0, test_fold=5)
 
 
 def test_cross_validation_pools_the_validation_rows_of_the_folds(tmp_path, capsys):
