@@ -58,7 +58,7 @@ def donor_errors(
                 key=lambda r: r["voi"],
             )
             if not mine:
-                raise SystemExit(f"no rows of {m!r} for {donor[1]} in {donor[0]}")
+                raise ValueError(f"no rows of {m!r} for {donor[1]} in {donor[0]}")
             x = np.array([np.nan if r[param] is None else r[param] for r in mine], float)
             y = np.array([hr[(*donor, r["voi"])] for r in mine], float)  # None -> NaN
             xe, ye, _ = error_pairs(x, y)
@@ -211,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'parameter':16s} {'ratio':>6s} {'donor 95 %':>15s} {'meets':>6s} "
               f"{'VOI 95 %':>15s}  leave one donor out")  # fmt: skip
         for p in FIDELITY:
-            b = bootstrap(donor_errors(rows, method, p), target, strict, args.resamples, args.seed)
+            try:
+                per_donor = donor_errors(rows, method, p)
+            except ValueError as err:  # a method the file does not hold: say so, exit 2
+                ap.error(str(err))
+            b = bootstrap(per_donor, target, strict, args.resamples, args.seed)
             report[deg]["params"][p] = b
             lo, hi = b["donor_interval"]
             vlo, vhi = b["voi_interval"]

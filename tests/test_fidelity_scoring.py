@@ -712,5 +712,9 @@ def test_verdict_uncertainty_resamples_donors_not_sub_vois(tmp_path, capsys):
     assert "hrpqct, SR, test" in capsys.readouterr().out
     saved = json.loads(out.read_text())["hrpqct"]
     assert saved["method"] == "SR" and set(saved["params"]) == set(fid.FIDELITY)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as err:
         vu.main([str(f), "--resamples", "5"])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit) as err:  # a method the file does not hold
+        vu.main([str(f), "--method", "nonesuch"])
+    assert err.value.code == 2 and "no rows of 'nonesuch'" in capsys.readouterr().err
