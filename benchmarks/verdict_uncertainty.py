@@ -43,24 +43,31 @@ TARGET = {"hrpqct": 0.5, "mdct": 1.0}  # the issue's: <= 0.5 x LR's; < LR's
 LR = "LR trilinear"
 
 
+def _donor_rows(rows: list[dict], method: str) -> dict[tuple, dict[str, dict]]:
+    """``{(file, specimen): {voi: {"HR": row, LR: row, method: row}}}`` for VOIs all three have."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["method"] in ("HR", LR, method):
+            out.setdefault((r["_file"], r["specimen"]), {}).setdefault(r["voi"], {})[
+                r["method"]
+            ] = r
+    return {d: {v: m for v, m in vois.items() if len(m) == 3} for d, vois in out.items()}
+
+
 def donor_errors(
     rows: list[dict], method: str, param: str
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per donor (``file:specimen``): the sub-VOI relative errors of ``method`` and of trilinear
     LR against HR, over the same VOIs (those where HR's value is defined and non-zero)."""
-    hr = {(r["_file"], r["specimen"], r["voi"]): r[param] for r in rows if r["method"] == "HR"}
     out = {}
-    for donor in dict.fromkeys((r["_file"], r["specimen"]) for r in rows):
+    for donor, vois in _donor_rows(rows, method).items():
+        if not vois:
+            raise ValueError(f"no rows of {method!r} for {donor[1]} in {donor[0]}")
+        ms = [vois[v] for v in sorted(vois)]
+        y = np.array([m["HR"][param] for m in ms], float)  # None -> NaN
         errs = []
-        for m in (method, LR):
-            mine = sorted(
-                (r for r in rows if (r["_file"], r["specimen"]) == donor and r["method"] == m),
-                key=lambda r: r["voi"],
-            )
-            if not mine:
-                raise ValueError(f"no rows of {m!r} for {donor[1]} in {donor[0]}")
-            x = np.array([np.nan if r[param] is None else r[param] for r in mine], float)
-            y = np.array([hr[(*donor, r["voi"])] for r in mine], float)  # None -> NaN
+        for name in (method, LR):
+            x = np.array([np.nan if m[name][param] is None else m[name][param] for m in ms], float)
             xe, ye, _ = error_pairs(x, y)
             errs.append(np.abs(xe - ye) / np.abs(ye))
         if errs[0].size:
@@ -101,17 +108,6 @@ def bootstrap(per_donor: dict, target: float, strict: bool, n: int, seed: int) -
         "n_donors": len(donors),
         "n_voi": int(model.size),
     }
-
-
-def _donor_rows(rows: list[dict], method: str) -> dict[tuple, dict[str, dict]]:
-    """``{(file, specimen): {voi: {"HR": row, LR: row, method: row}}}`` for VOIs all three have."""
-    out: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        if r["method"] in ("HR", LR, method):
-            out.setdefault((r["_file"], r["specimen"]), {}).setdefault(r["voi"], {})[
-                r["method"]
-            ] = r
-    return {d: {v: m for v, m in vois.items() if len(m) == 3} for d, vois in out.items()}
 
 
 def other_targets(rows: list[dict], method: str, n: int, seed: int) -> dict:

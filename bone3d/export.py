@@ -312,9 +312,9 @@ def train_config(
 
     The datalist is bone3d's (MONAI decathlon style, ``image`` = LR, ``target`` = HR on the
     network's HR spacing; ``training`` and optionally ``validation`` lists). The windows, HR
-    spacing, patch size and inferer are the training's; a step takes ``batch_size`` (1) volumes,
-    ``samples_per_volume`` (``patches_per_step``, the training's batch size) patches from each. The loss is ``morphometry``'s
-    `bone3d.losses.MorphometryLoss` (its module copied into ``scripts/``; ``--morphometry false``
+    spacing, patch size and inferer are the training's; a step takes ``batch_size`` (1)
+    volumes, ``samples_per_volume`` (``patches_per_step``, the training's batch size) patches
+    from each. The loss is ``morphometry``'s `bone3d.losses.MorphometryLoss` (its module copied into ``scripts/``; ``--morphometry false``
     or no ``morphometry``: the L1 pixel loss), ramped in over its warm-up iterations without the
     pixel-only pre-training (the weights are trained). A GAN's generator is fine-tuned by that
     loss alone: the discriminator is not exported.

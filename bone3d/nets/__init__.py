@@ -174,8 +174,8 @@ def build_spec(
     bundle config that needs no bone3d).
 
     ``inference``: the class's inference-only form, its ``EXPORT_ARGS`` (FUNIT's averaged
-    generator without the trained one); `load_weights` fills it from a training checkpoint or an
-    exported one alike."""
+    generator without the trained one), which loads a training checkpoint or an exported one
+    alike."""
     if name not in REGISTRY:
         raise InputError("network", f"unknown network {name!r}; choose from {sorted(REGISTRY)}")
     entry = REGISTRY[name]
@@ -211,28 +211,25 @@ def build(name: str, *args, **kwargs) -> nn.Module:
 
 
 def load_weights(net: nn.Module, path, map_location="cpu") -> dict:
-    """Load the state dict saved at ``path`` into ``net`` and return what was loaded.
-
-    Takes the entries ``net`` holds and ignores others (a training checkpoint of a network
-    whose inference-only form, `build_spec` ``inference``, holds a part of it); refuses, with
-    an `InputError`, a file that lacks any of them or holds them in other shapes."""
+    """Load the state dict saved at ``path`` into ``net`` (strictly, by the network's own
+    ``load_state_dict``: an inference-only form such as FUNIT's sets aside the entries it does
+    not hold) and return the network's state. A MONAI ``CheckpointSaver`` file with a
+    ``model`` entry is unwrapped; a file that does not fit is an `InputError`."""
     import torch
 
     saved = torch.load(path, map_location=map_location, weights_only=True)
     if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
         saved = saved["model"]  # a MONAI CheckpointSaver's training checkpoint
-    want = net.state_dict()
-    missing = [k for k in want if k not in saved]
-    wrong = [k for k in want if k in saved and saved[k].shape != want[k].shape]
-    if missing or wrong:
+    try:
+        net.load_state_dict(saved)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
         raise InputError(
             path,
-            f"does not fit the network: missing {missing[:3]}, other shapes {wrong[:3]}"
-            " (was it trained with another net_preset or variant?)",
-        )
-    state = {k: saved[k] for k in want}
-    net.load_state_dict(state)
-    return state
+            f"does not fit the network ({detail}); was it trained with another net_preset or "
+            "variant?",
+        ) from None
+    return net.state_dict()
 
 
 def n_parameters(model: nn.Module) -> int:
