@@ -34,6 +34,15 @@ definitions when ``p`` is binary:
   ``1 / MIL(v)^2``, and its DA = 1 - lambda_min / lambda_max are functions of the profile
   ``P_L(v) / mean_v P_L(v)`` alone: two images whose normalised profiles agree have the same
   DA and fabric axes. 13 directions over-determine the 6 unknowns of the 3D tensor.
+* **Skeleton coverage** (optional, weight 0 by default): clDice (Shit et al., CVPR 2021), via
+  MONAI's `SoftclDiceLoss`: the soft skeleton of each mask (iterated min/max-pool opening, as
+  many steps as ``thickness_radius``, the thickest structure's radius) and the share of it that
+  the other mask covers. Its sensitivity half is the share of the target's trabecular mid-lines
+  that the prediction segments as bone: a trabecula the prediction breaks or leaves below the
+  threshold leaves a stretch of the target's skeleton uncovered, whatever its volume. The
+  paper shows that for binary masks a perfect clDice implies preserved topology (homotopy
+  equivalence, 2D and 3D, under its assumptions on the skeleton), so this is a topology term
+  that, unlike the Euler term, also locates the missing connection. Taken between the prediction's soft mask and the target's.
 * **Density** (optional, weight 0 by default): the mean grey value of the bone and of the marrow
   of the *target's* soft segmentation, in prediction and target: the tissue mineral density
   (TMD, the mean density inside the bone mask; Bouxsein et al. 2010, Scanco's Tb.TMD) and its
@@ -41,8 +50,9 @@ definitions when ``p`` is binary:
   the threshold, so a generator can satisfy them by lifting every voxel (bone and marrow alike);
   these two means are linear in the prediction and charge an offset at its full size.
 
-No library provides these on soft masks in PyTorch (MONAI's losses are pixel, perceptual and
-segmentation overlaps), hence hand-written; the pooling is PyTorch's. Every function takes
+No library provides the others on soft masks in PyTorch (MONAI's losses are pixel, perceptual
+and segmentation overlaps; clDice is the one topology loss it has, and it is used), hence
+hand-written; the pooling is PyTorch's. Every function takes
 tensors of shape (N, C, *spatial) with 2 or 3 spatial dimensions.
 """
 
@@ -53,6 +63,7 @@ import itertools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.losses import SoftclDiceLoss
 from torch import nn
 
 
@@ -244,7 +255,7 @@ class MorphometryLoss(nn.Module):
     ``loss = w_pixel * pixel(pred, hr) + w_bvtv * |BV/TV_p - BV/TV_h|
     + w_thickness * sum_r |G_r(p) - G_r(h)| + w_spacing * sum_r |G_r(1-p') - G_r(1-h')|
     + w_euler * 1000 * |chi_p - chi_h| / n_voxels + w_fabric * mean_v |F_v(p) - F_v(h)|
-    + w_density * (|TMD(pred) - TMD(hr)| + |MMD(pred) - MMD(hr)|)``
+    + w_cldice * clDice(p, h) + w_density * (|TMD(pred) - TMD(hr)| + |MMD(pred) - MMD(hr)|)``
     averaged over images (chi of the masks thresholded at 0.5, with `soft_euler`'s gradient: see
     the module docstring), where p and h are the soft segmentations (`soft_bone`) of prediction
     and target, G_r the `granulometry` volume fractions (p', h': average-pooled, see
@@ -257,7 +268,7 @@ class MorphometryLoss(nn.Module):
 
     Args:
         weights: ``pixel``, ``bvtv``, ``thickness``, ``spacing``, ``euler``, ``fabric``,
-            ``density``, ``regressor`` (missing = default).
+            ``cldice``, ``density``, ``regressor`` (missing = default).
         pixel: ``"l1"``, ``"mse"`` or ``"charbonnier"``.
         threshold: a float in the network's intensity units, one level for every patch (the
             training HR's IsoData level: `bone3d.data.datalist.hr_bone_level`); ``"otsu"``:
@@ -282,7 +293,7 @@ class MorphometryLoss(nn.Module):
 
     DEFAULT_WEIGHTS = {
         "pixel": 1.0, "bvtv": 0.1, "thickness": 0.1, "spacing": 0.1, "euler": 0.01, "fabric": 0.1,
-        "density": 0.0, "regressor": 0.0,
+        "cldice": 0.0, "density": 0.0, "regressor": 0.0,
     }  # fmt: skip
 
     def __init__(
@@ -376,6 +387,14 @@ class MorphometryLoss(nn.Module):
             per_image = (fabric_profile(p) - _profile(pl_h)).abs().mean(-1)
             has_fabric = (pl_h.mean(-1) > 1e-3).to(p.dtype)
             terms["fabric"] = (per_image * has_fabric).sum() / has_fabric.sum().clamp_min(1.0)
+        if w["cldice"]:
+            # straight-through, as the Euler term: clDice of the masks at 0.5 (0 when they
+            # agree), with the soft masks' gradient; skeletons of structures up to
+            # thickness_radius voxels thick; the smoothing (one voxel) keeps an image whose
+            # skeleton is empty (a marrow patch) finite
+            hp = (p > 0.5).to(p.dtype) + p - p.detach()
+            cldice = SoftclDiceLoss(iter_=self.thickness_radius)
+            terms["cldice"] = cldice(hp, (h > 0.5).to(h.dtype))
         if self.regressor is not None and w["regressor"]:
             terms["regressor"] = self.regressor(pred, target)
         self.terms = {k: float(v.detach()) for k, v in terms.items()}
