@@ -320,8 +320,10 @@ def train_config(
     loss alone: the discriminator is not exported.
 
     Writes into ``output_dir`` (``finetune/``): ``checkpoint_epoch=N.pt`` every epoch (model,
-    optimiser, trainer; a rerun resumes from the newest) and ``model.pt``, the best weights on
-    the validation pairs by PSNR (the last epoch's without validation pairs), which
+    optimiser, trainer; a rerun resumes from the newest, and since every epoch's random draws
+    are seeded from ``(seed, epoch)`` (`EpochSeed`) it ends with the same weights as an
+    uninterrupted run) and ``model.pt``, the best weights on the validation pairs by PSNR
+    (the last epoch's without validation pairs; kept across a resume), which
     ``inference.json --ckpt_path finetune/model.pt`` runs. ``models/model.pt`` is never written.
     """
     s = int(scale) if scale else 1
@@ -447,6 +449,12 @@ def train_config(
                     "load_dict": {"model": "@network"},
                     "map_location": "@device",
                 },
+                # every epoch a function of (seed, epoch): a resumed run replays the draws
+                {
+                    "_target_": "scripts.plain.EpochSeed",
+                    "seed": "@seed",
+                    "loader": "@train#dataloader",
+                },
                 *warmup,
                 {
                     "_target_": "ValidationHandler",
@@ -527,6 +535,7 @@ def train_config(
                     "save_dict": {"model": "@network"},
                     "save_key_metric": True,
                     "key_metric_filename": "model.pt",
+                    "resume_from": "@resume_from",
                 },
             ],
             "key_metric": {
@@ -716,10 +725,12 @@ def export_bundle(
                 else "the L1 pixel loss"
             )
             + ". Checkpoints go to `finetune/` every epoch and an interrupted run resumes "
-            "from the newest (`--resume false` starts again from `models/model.pt`, which is "
-            "never overwritten, and refuses a `finetune/` that holds an earlier run's "
-            "checkpoints); `finetune/model.pt` holds the best weights on the validation "
-            "pairs (the last epoch's without them). A GAN's discriminator is not exported: "
+            "from the newest, ending with the weights an uninterrupted run would (every "
+            "epoch's random draws are seeded from the `seed` and the epoch; `--resume false` "
+            "starts again from `models/model.pt`, which is never overwritten, and refuses a "
+            "`finetune/` that holds an earlier run's checkpoints); `finetune/model.pt` holds "
+            "the best weights on the validation pairs (the last epoch's without them), also "
+            "across a resume (the best score is kept in `finetune/model.key_metric.json`). A GAN's discriminator is not exported: "
             "its generator is fine-tuned by that loss alone.\n"
         )
         (root / "docs" / "README.md").write_text(readme)

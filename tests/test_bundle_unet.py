@@ -168,6 +168,43 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
         assert torch.equal(resumed[key], straight[key]), key
 
 
+def test_best_model_survives_a_resume(tmp_path):
+    """The validation saver keeps model.pt, the best weights by the key metric. A resumed run
+    replaces it only with better weights than any earlier validation's; a fresh run's first
+    validation always writes it."""
+    from ignite.engine import Engine, Events
+
+    from bone3d.engines import atomic_checkpoint_saver
+
+    net = torch.nn.Linear(1, 1, bias=False)
+
+    def validations(scores: list[float], first: int, resume_from=None) -> float:
+        """One validation per entry: the network's weight is its number, the PSNR its score;
+        returns the weight that model.pt holds after them."""
+        engine = Engine(lambda e, batch: None)
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def score(e):
+            e.state.metrics["val_psnr"] = scores[e.state.epoch - 1]
+
+        @engine.on(Events.EPOCH_STARTED)
+        def weights(e):
+            net.weight.data.fill_(first + e.state.epoch - 1)
+
+        atomic_checkpoint_saver(
+            save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
+            key_metric_name="val_psnr", key_metric_filename="model.pt", resume_from=resume_from,
+        ).attach(engine)  # fmt: skip
+        engine.run([0], max_epochs=len(scores))
+        return float(torch.load(tmp_path / "model.pt", weights_only=True)["weight"])
+
+    assert validations([20.0, 30.0, 25.0], first=1) == 2.0  # the best of three
+    resumed = str(tmp_path / "checkpoint_epoch=3.pt")
+    assert validations([27.0], first=4, resume_from=resumed) == 2.0  # worse than epoch 2's
+    assert validations([31.0], first=5, resume_from=resumed) == 5.0  # better
+    assert validations([10.0], first=6) == 6.0  # a fresh run starts its own tracking
+
+
 def test_slab_inferer_sees_the_right_neighbours():
     """A 'network' that returns its first input channel shows which slice each slab starts at."""
     import torch

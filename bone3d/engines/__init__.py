@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from bone3d.engines.plain import atomic_checkpoint_saver, latest_checkpoint  # noqa: F401
+from bone3d.engines.plain import EpochSeed, atomic_checkpoint_saver, latest_checkpoint  # noqa: F401
 from bone3d.io import write_figure
 from bone3d.io import write_json as save_json  # noqa: E402 - the name bundle configs call
 
@@ -90,54 +90,6 @@ def run_name(ckpt_dir: str | os.PathLike, prefix: str, resume_from: str | None) 
     name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     save_json({"run_name": name}, path)
     return name
-
-
-class EpochSeed:
-    """Make every training epoch a function of (seed, epoch, rank) alone, so a resumed training
-    ends with the same weights as an uninterrupted one.
-
-    At each ``EPOCH_STARTED``: MONAI's ``set_determinism`` with a seed derived from
-    ``(seed, epoch, rank)`` (NumPy ``SeedSequence``), the TorchIO ``Queue`` emptied (its patch
-    list, half-sampled subject and subject iterator otherwise carry over from the previous epoch,
-    state no checkpoint holds), and the subject sampler's ``set_epoch`` called when it has one
-    (``DistributedSampler``). Checkpoints then need no RNG or queue state: resuming at epoch
-    ``k + 1`` replays exactly what the uninterrupted run did. The queue attributes reset are
-    TorchIO 1.2's own (``Queue._fill`` re-creates them), pinned in requirements.txt.
-    """
-
-    def __init__(self, seed: int, loader):
-        self.seed = int(seed)
-        self.loader = loader
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine) -> None:
-        import numpy as np
-        import torch.distributed as dist
-        from monai.utils import set_determinism
-
-        epoch = int(engine.state.epoch)
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        seed = int(np.random.SeedSequence([self.seed, epoch, rank]).generate_state(1)[0])
-        set_determinism(seed=seed)
-        dataset = getattr(self.loader, "dataset", None)
-        for queue in getattr(dataset, "queues", (dataset,)):  # unpaired: one queue per domain
-            self._reset(queue, epoch)
-
-    @staticmethod
-    def _reset(queue, epoch: int) -> None:
-        if queue is not None and hasattr(queue, "patches_list"):
-            queue.patches_list = []
-            queue._incomplete_subject = None
-            queue._num_patches_incomplete = 0
-            queue._subjects_iterable = None
-            queue._num_sampled_subjects = 0
-            sampler = getattr(queue, "subject_sampler", None)
-            if sampler is not None and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
 
 
 class SpecimenLog:

@@ -1,5 +1,5 @@
-"""Training parts that need only MONAI and torch: checkpoint handling shared with bone3d's own
-bundles, and the paired-patch transforms of an exported bundle's fine-tuning config.
+"""Training parts that need only MONAI and torch: checkpoint handling and per-epoch seeding
+shared with bone3d's own bundles, and the paired-patch transforms of an exported bundle's fine-tuning config.
 
 ``bone3d export`` copies this file into the exported bundle's ``scripts/`` (it must not import
 bone3d): the exported ``configs/train.json`` fine-tunes the network in a plain MONAI install on
@@ -17,6 +17,7 @@ network's [0, 1] units.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -57,13 +58,79 @@ def resume_checkpoint(ckpt_dir: str | os.PathLike, resume) -> str | None:
     return None
 
 
-def atomic_checkpoint_saver(**kwargs):
-    """MONAI ``CheckpointSaver`` whose files are written atomically (temp file + rename).
+class EpochSeed:
+    """Make every training epoch a function of (seed, epoch, rank) alone, so a resumed training
+    ends with the same weights as an uninterrupted one.
+
+    At each ``EPOCH_STARTED``: MONAI's ``set_determinism`` with a seed derived from
+    ``(seed, epoch, rank)`` (NumPy ``SeedSequence``), the TorchIO ``Queue`` emptied (its patch
+    list, half-sampled subject and subject iterator otherwise carry over from the previous epoch,
+    state no checkpoint holds), and the subject sampler's ``set_epoch`` called when it has one
+    (``DistributedSampler``). Checkpoints then need no RNG or queue state: resuming at epoch
+    ``k + 1`` replays exactly what the uninterrupted run did. The queue attributes reset are
+    TorchIO 1.2's own (``Queue._fill`` re-creates them), pinned in requirements.txt.
+
+    A MONAI ``Dataset`` (an exported bundle's fine-tuning) instead has its random transforms
+    re-seeded from the epoch's seed by MONAI's ``set_rnd``, as ``monai.data.DataLoader`` does
+    once at construction when it has no workers; the loader's shuffle and its workers' seeds
+    come from torch's generator, which ``set_determinism`` sets.
+    """
+
+    def __init__(self, seed: int, loader):
+        self.seed = int(seed)
+        self.loader = loader
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        import torch.distributed as dist
+        from monai.data import Dataset
+        from monai.data.utils import set_rnd
+        from monai.utils import set_determinism
+
+        epoch = int(engine.state.epoch)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = int(np.random.SeedSequence([self.seed, epoch, rank]).generate_state(1)[0])
+        set_determinism(seed=seed)
+        dataset = getattr(self.loader, "dataset", None)
+        if isinstance(dataset, Dataset):
+            set_rnd(dataset, seed)
+        for queue in getattr(dataset, "queues", (dataset,)):  # unpaired: one queue per domain
+            self._reset(queue, epoch)
+
+    @staticmethod
+    def _reset(queue, epoch: int) -> None:
+        if queue is not None and hasattr(queue, "patches_list"):
+            queue.patches_list = []
+            queue._incomplete_subject = None
+            queue._num_patches_incomplete = 0
+            queue._subjects_iterable = None
+            queue._num_sampled_subjects = 0
+            sampler = getattr(queue, "subject_sampler", None)
+            if sampler is not None and hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+
+def atomic_checkpoint_saver(resume_from: str | None = None, **kwargs):
+    """MONAI ``CheckpointSaver`` whose files are written atomically (temp file + rename), and
+    whose best-model tracking survives a resume.
 
     MONAI builds ignite ``DiskSaver``s with ``atomic=False`` (for group-readable files), so a
     training killed while saving leaves a truncated ``checkpoint_epoch=N.pt`` that the next run
     would try to resume from. Switching the savers back to ignite's atomic mode keeps the last
     complete checkpoint in place until the new one is whole.
+
+    With ``save_key_metric`` (the best model by the validation key metric, ``model.pt``) the
+    saver keeps the best score so far in memory only, so a resumed run would overwrite the
+    best model with its first validation, however worse. Here the tracker's state (ignite
+    ``Checkpoint.state_dict``: the best score and file) is written beside it after every
+    validation (``<key_metric_filename stem>.key_metric.json``, atomically), and read back when
+    ``resume_from`` (the checkpoint a run resumes from; None for a fresh run) is given. MONAI's
+    own way, ``key_metric_save_state``, stores that state inside ``model.pt``, which would
+    change the weights file every reader of a bundle loads.
     """
     from monai.handlers import CheckpointSaver
 
@@ -72,6 +139,22 @@ def atomic_checkpoint_saver(**kwargs):
         cp = getattr(saver, name, None)
         if cp is not None and hasattr(cp.save_handler, "_atomic"):
             cp.save_handler._atomic = True  # ignite DiskSaver's own switch
+    best = getattr(saver, "_key_metric_checkpoint", None)
+    if best is not None:
+        stem = Path(kwargs.get("key_metric_filename") or "model.pt").stem
+        record = Path(saver.save_dir) / f"{stem}.key_metric.json"
+        if resume_from is not None and record.is_file():
+            best.load_state_dict(json.loads(record.read_text()))
+        validated = saver.metrics_completed  # the handler `attach` registers
+
+        def metrics_completed(engine) -> None:
+            validated(engine)
+            tmp = record.with_name(record.name + ".tmp")
+            saved = [[float(p), str(f)] for p, f in best.state_dict()["_saved"]]
+            tmp.write_text(json.dumps({"_saved": saved}))
+            os.replace(tmp, record)
+
+        saver.metrics_completed = metrics_completed
     return saver
 
 
@@ -80,7 +163,6 @@ def datalist_pairs(datalist: str | os.PathLike, split: str, required: bool = Tru
     datalist (bone3d's ``datalist.json``; relative paths are taken from its folder, MONAI's
     ``load_decathlon_datalist``). Refuses a missing or empty split when ``required``, an entry
     without both files, and a file that does not exist."""
-    import json
 
     from monai.data import load_decathlon_datalist
 
