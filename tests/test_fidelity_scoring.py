@@ -718,3 +718,56 @@ def test_verdict_uncertainty_resamples_donors_not_sub_vois(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:  # a method the file does not hold
         vu.main([str(f), "--method", "nonesuch"])
     assert err.value.code == 2 and "no rows of 'nonesuch'" in capsys.readouterr().err
+
+
+def _rods(gap: bool) -> np.ndarray:
+    """Two plates joined by four rods, clear of the array faces (no edge correction): one
+    particle, three independent loops; ``gap`` cuts one rod (two loops)."""
+    b = np.zeros((24, 24, 24), bool)
+    b[2:5, 2:22, 2:22] = b[19:22, 2:22, 2:22] = True
+    for y, x in [(6, 6), (6, 17), (17, 6), (17, 17)]:
+        b[2:22, y - 1 : y + 2, x - 1 : x + 2] = True
+    if gap:
+        b[11:14, 5:8, 5:8] = False
+    return b
+
+
+def test_conn_d_components_split_connectivity_into_loops_particles_and_cavities():
+    comp = _benchmark("conn_d_components").components
+    assert comp(_rods(False)) == {"loops": 3, "particles": 1, "cavities": 0, "connectivity": 3}
+    assert comp(_rods(True))["loops"] == 2
+    speck = _rods(False)
+    speck[12, 12, 12] = True  # a fragment: connectivity drops by one, the loops stay
+    hollow = _rods(False)
+    hollow[3, 12, 12] = False  # an enclosed cavity in a plate
+    assert comp(speck) == {"loops": 3, "particles": 2, "cavities": 0, "connectivity": 2}
+    assert comp(hollow) == {"loops": 3, "particles": 1, "cavities": 1, "connectivity": 2}
+
+
+def test_conn_d_components_reads_a_fidelity_work_folder(tmp_path, capsys):
+    """Methods are read from the work folder as fidelity.py writes it; a method equal to HR
+    differs from it by nothing, trilinear LR (blurred) loses loops; a folder that is not a
+    work folder is refused with exit 2."""
+    import torchio as tio
+
+    from bone3d.io import write_volume
+
+    mod = _benchmark("conn_d_components")
+    hr = make_phantom(shape=(48, 48, 48), spacing_mm=0.05, bv_tv=0.2, seed=3).image
+    lr = tio.Resample(0.1)(hr)
+    base = tmp_path / "w" / "hrpqct"
+    write_volume(hr, base / "data" / "s1" / "hr.nii.gz")
+    write_volume(lr, base / "data" / "s1" / "lr.nii.gz")
+    write_volume(hr, base / "sr-ensemble" / "copy" / "s1.nii.gz")
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"data": {"split": {"test": ["s1"]}}}))
+    out = tmp_path / "c.json"
+    assert mod.main([str(result), str(tmp_path / "w"), "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert set(s) == {"HR", "LR trilinear", "copy"}
+    assert all(s["copy"][f"{t}_minus_hr_mean"] == 0 for t in mod.TERMS)
+    assert s["LR trilinear"]["loops_minus_hr_mean"] < 0
+    assert s["HR"]["n_voi"] == s["copy"]["n_voi"] >= 1
+    with pytest.raises(SystemExit) as err:
+        mod.main([str(result), str(tmp_path)])
+    assert err.value.code == 2 and "sr-ensemble" in capsys.readouterr().err
