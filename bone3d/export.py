@@ -730,8 +730,9 @@ def export_bundle(
             "starts again from `models/model.pt`, which is never overwritten, and refuses a "
             "`finetune/` that holds an earlier run's checkpoints); `finetune/model.pt` holds "
             "the best weights on the validation pairs (the last epoch's without them), also "
-            "across a resume (the best score is kept in `finetune/model.key_metric.json`). A GAN's discriminator is not exported: "
-            "its generator is fine-tuned by that loss alone.\n"
+            "across a resume (the best score is kept in `finetune/model.key_metric.json`). "
+            "A GAN's discriminator is not exported: its generator is fine-tuned by that loss "
+            "alone.\n"
         )
         (root / "docs" / "README.md").write_text(readme)
         with atomic_path(output) as tmp_zip:

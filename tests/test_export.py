@@ -379,7 +379,7 @@ def test_exported_bundle_fine_tunes_without_bone3d(
     _monai_run(plain_python, b, "train.json", *args, "--max_epochs", "6", "--output_dir",
                str(whole), cwd=tmp_path)  # fmt: skip
     resumed, uninterrupted = (
-        torch.load(d / "checkpoint_epoch=6.pt", map_location="cpu")["model"] for d in (ft, whole)
+        torch.load(d / "checkpoint_epoch=6.pt", weights_only=True)["model"] for d in (ft, whole)
     )
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     assert (b / "models" / "model.pt").read_bytes() == exported  # never written

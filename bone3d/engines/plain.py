@@ -1,5 +1,6 @@
 """Training parts that need only MONAI and torch: checkpoint handling and per-epoch seeding
-shared with bone3d's own bundles, and the paired-patch transforms of an exported bundle's fine-tuning config.
+shared with bone3d's own bundles, and the paired-patch transforms of an exported bundle's
+fine-tuning config.
 
 ``bone3d export`` copies this file into the exported bundle's ``scripts/`` (it must not import
 bone3d): the exported ``configs/train.json`` fine-tunes the network in a plain MONAI install on
@@ -163,7 +164,6 @@ def datalist_pairs(datalist: str | os.PathLike, split: str, required: bool = Tru
     datalist (bone3d's ``datalist.json``; relative paths are taken from its folder, MONAI's
     ``load_decathlon_datalist``). Refuses a missing or empty split when ``required``, an entry
     without both files, and a file that does not exist."""
-
     from monai.data import load_decathlon_datalist
 
     path = Path(datalist)

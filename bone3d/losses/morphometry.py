@@ -41,8 +41,10 @@ definitions when ``p`` is binary:
   that the prediction segments as bone: a trabecula the prediction breaks or leaves below the
   threshold leaves a stretch of the target's skeleton uncovered, whatever its volume. The
   paper shows that for binary masks a perfect clDice implies preserved topology (homotopy
-  equivalence, 2D and 3D, under its assumptions on the skeleton), so this is a topology term
-  that, unlike the Euler term, also locates the missing connection. Taken between the prediction's soft mask and the target's.
+  equivalence, 2D and 3D, under its assumptions on the skeleton). Its value is taken on the
+  masks at 0.5 and its gradient on the soft masks, as the Euler term's; unlike the Euler
+  term's flip gradient, which sees nothing across a gap longer than one voxel, it pulls every
+  voxel of the target's mid-line that the prediction leaves as marrow towards bone.
 * **Density** (optional, weight 0 by default): the mean grey value of the bone and of the marrow
   of the *target's* soft segmentation, in prediction and target: the tissue mineral density
   (TMD, the mean density inside the bone mask; Bouxsein et al. 2010, Scanco's Tb.TMD) and its
@@ -52,8 +54,8 @@ definitions when ``p`` is binary:
 
 No library provides the others on soft masks in PyTorch (MONAI's losses are pixel, perceptual
 and segmentation overlaps; clDice is the one topology loss it has, and it is used), hence
-hand-written; the pooling is PyTorch's. Every function takes
-tensors of shape (N, C, *spatial) with 2 or 3 spatial dimensions.
+hand-written; the pooling is PyTorch's. Every function takes tensors of shape (N, C,
+*spatial) with 2 or 3 spatial dimensions.
 """
 
 from __future__ import annotations
