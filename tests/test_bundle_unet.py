@@ -205,6 +205,51 @@ def test_best_model_survives_a_resume(tmp_path):
     assert validations([10.0], first=6) == 6.0  # a fresh run starts its own tracking
 
 
+def test_resume_restores_the_evaluators_best_and_keeps_an_unrecorded_best(tmp_path):
+    """On a MONAI evaluator the record also carries ``best_metric`` and its epoch, so a resumed
+    run reports the earlier best, not its own first validation; a ``model.pt`` without a record
+    (an older bone3d's) is copied aside before a resume can replace it."""
+    from ignite.metrics import Average
+    from monai.engines import SupervisedEvaluator
+
+    from bone3d.engines import atomic_checkpoint_saver
+
+    net = torch.nn.Linear(1, 1, bias=False)  # its weight is its output, and the score
+
+    def evaluator(resume_from=None):
+        ev = SupervisedEvaluator(
+            device=torch.device("cpu"), val_data_loader=[{"image": torch.ones(1, 1)}], network=net,
+            key_val_metric={"score": Average(output_transform=lambda out: out[0]["pred"].mean())},
+        )  # fmt: skip
+        atomic_checkpoint_saver(
+            save_dir=str(tmp_path), save_dict={"model": net}, save_key_metric=True,
+            key_metric_name="score", key_metric_filename="model.pt", resume_from=resume_from,
+        ).attach(ev)  # fmt: skip
+        return ev
+
+    def validate(ev, weight: float, epoch: int) -> float:
+        net.weight.data.fill_(weight)
+        ev.run(global_epoch=epoch)
+        return float(torch.load(tmp_path / "model.pt", weights_only=True)["weight"])
+
+    ev = evaluator()
+    assert [validate(ev, w, e) for e, w in ((1, 1.0), (2, 3.0), (3, 2.0))] == [1.0, 3.0, 3.0]
+    assert (ev.state.best_metric, ev.state.best_metric_epoch) == (3.0, 2)
+    resumed = str(tmp_path / "checkpoint_epoch=3.pt")
+    ev = evaluator(resumed)
+    assert validate(ev, 2.5, 4) == 3.0
+    assert (ev.state.best_metric, ev.state.best_metric_epoch) == (3.0, 2)  # not epoch 4's 2.5
+    assert validate(ev, 4.0, 5) == 4.0 and ev.state.best_metric_epoch == 5
+
+    (tmp_path / "model.key_metric.json").unlink()  # as an older bone3d left its models folder
+    with pytest.warns(UserWarning, match="model.before_resume.pt"):
+        ev = evaluator(resumed)
+    assert validate(ev, 0.5, 6) == 0.5  # its score was unknown, so the resume replaced it ...
+    kept = torch.load(tmp_path / "model.before_resume.pt", weights_only=True)["weight"]
+    assert float(kept) == 4.0  # ... but the earlier best is kept
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_slab_inferer_sees_the_right_neighbours():
     """A 'network' that returns its first input channel shows which slice each slab starts at."""
     import torch

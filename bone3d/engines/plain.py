@@ -127,12 +127,19 @@ def atomic_checkpoint_saver(resume_from: str | None = None, **kwargs):
     With ``save_key_metric`` (the best model by the validation key metric, ``model.pt``) the
     saver keeps the best score so far in memory only, so a resumed run would overwrite the
     best model with its first validation, however worse. Here the tracker's state (ignite
-    ``Checkpoint.state_dict``: the best score and file) is written beside it after every
-    validation (``<key_metric_filename stem>.key_metric.json``, atomically), and read back when
-    ``resume_from`` (the checkpoint a run resumes from; None for a fresh run) is given. MONAI's
-    own way, ``key_metric_save_state``, stores that state inside ``model.pt``, which would
-    change the weights file every reader of a bundle loads.
+    ``Checkpoint.state_dict``: the best score and file), with the evaluator's ``best_metric``
+    and ``best_metric_epoch`` (MONAI ``Workflow`` state, which its "new best metric" log and
+    ``get_stats`` report), is written beside it after every validation (``<key_metric_filename
+    stem>.key_metric.json``, atomically), and read back when ``resume_from`` (the checkpoint a
+    run resumes from; None for a fresh run) is given. MONAI's own way,
+    ``key_metric_save_state``, stores that state inside ``model.pt``, which would change the
+    weights file every reader of a bundle loads. A resumed run whose ``model.pt`` has no record
+    (written by an older bone3d) cannot know that file's score: it is copied to
+    ``<stem>.before_resume.pt`` first (once, atomically), with a warning, so nothing is lost.
     """
+    import shutil
+    import warnings
+
     from monai.handlers import CheckpointSaver
 
     saver = CheckpointSaver(**kwargs)
@@ -141,21 +148,45 @@ def atomic_checkpoint_saver(resume_from: str | None = None, **kwargs):
         if cp is not None and hasattr(cp.save_handler, "_atomic"):
             cp.save_handler._atomic = True  # ignite DiskSaver's own switch
     best = getattr(saver, "_key_metric_checkpoint", None)
-    if best is not None:
-        stem = Path(kwargs.get("key_metric_filename") or "model.pt").stem
-        record = Path(saver.save_dir) / f"{stem}.key_metric.json"
-        if resume_from is not None and record.is_file():
-            best.load_state_dict(json.loads(record.read_text()))
-        validated = saver.metrics_completed  # the handler `attach` registers
+    if best is None:
+        return saver
+    filename = Path(kwargs.get("key_metric_filename") or "model.pt")
+    record = Path(saver.save_dir) / f"{filename.stem}.key_metric.json"
+    previous = None
+    if resume_from is not None and record.is_file():
+        previous = json.loads(record.read_text())
+        best.load_state_dict({"_saved": previous["_saved"]})
+    elif resume_from is not None and (Path(saver.save_dir) / filename.name).is_file():
+        kept = Path(saver.save_dir) / f"{filename.stem}.before_resume{filename.suffix}"
+        if not kept.exists():
+            tmp = kept.with_name(kept.name + ".tmp")
+            shutil.copyfile(Path(saver.save_dir) / filename.name, tmp)
+            os.replace(tmp, kept)
+        warnings.warn(
+            f"{saver.save_dir}/{filename.name} has no {record.name} (written before bone3d "
+            f"recorded the best score), so the first validation after this resume replaces it; "
+            f"the earlier best weights are kept as {kept.name}",
+            stacklevel=2,
+        )
+    attach, validated = saver.attach, saver.metrics_completed  # what `attach` registers
 
-        def metrics_completed(engine) -> None:
-            validated(engine)
-            tmp = record.with_name(record.name + ".tmp")
-            saved = [[float(p), str(f)] for p, f in best.state_dict()["_saved"]]
-            tmp.write_text(json.dumps({"_saved": saved}))
-            os.replace(tmp, record)
+    def attach_restoring(engine) -> None:
+        attach(engine)
+        if previous is not None and previous.get("best_metric_epoch", -1) != -1:
+            engine.state.best_metric = previous["best_metric"]
+            engine.state.best_metric_epoch = previous["best_metric_epoch"]
 
-        saver.metrics_completed = metrics_completed
+    def metrics_completed(engine) -> None:
+        validated(engine)
+        state = {"_saved": [[float(p), str(f)] for p, f in best.state_dict()["_saved"]]}
+        if getattr(engine.state, "best_metric_epoch", -1) != -1:  # a MONAI Workflow
+            state["best_metric"] = float(engine.state.best_metric)
+            state["best_metric_epoch"] = int(engine.state.best_metric_epoch)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, record)
+
+    saver.attach, saver.metrics_completed = attach_restoring, metrics_completed
     return saver
 
 
