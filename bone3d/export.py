@@ -566,6 +566,55 @@ def train_config(
     }
 
 
+def multi_gpu_train_config(train: dict) -> dict:
+    """The exported ``multi_gpu_train.json``: an overlay on ``train.json`` (MONAI model-zoo
+    convention) for ``torchrun --nproc_per_node=N -m monai.bundle run --config_file
+    "['configs/train.json','configs/multi_gpu_train.json']"``.
+
+    One process per GPU (``LOCAL_RANK``; CPU processes with ``gloo`` where there is none), the
+    network wrapped in ``DistributedDataParallel``, training and validation pairs split over
+    the ranks by MONAI's ``DistributedSampler`` (whose epoch MONAI's trainer sets, so each
+    epoch reshuffles), random draws seeded from ``(seed, epoch, rank)`` (`EpochSeed`) and the
+    validation PSNR reduced over the ranks by ignite. Only rank 0 writes checkpoints and
+    ``model.pt`` (MONAI's savers store the unwrapped network, so ``inference.json`` loads
+    them as they are); MONAI's MLflow settings log from rank 0 alone."""
+    saver = "scripts.plain.atomic_checkpoint_saver"
+    final = next(i for i, h in enumerate(train["train"]["handlers"]) if h["_target_"] == saver)
+    best = next(i for i, h in enumerate(train["validate"]["handlers"]) if h["_target_"] == saver)
+    sampler = {"_target_": "DistributedSampler", "even_divisible": True}
+    return {
+        "+imports": ["$import torch.distributed as dist"],
+        "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK']) "
+        "if torch.cuda.is_available() else torch.device('cpu')",
+        "rank": "$dist.get_rank()",
+        "network": {
+            "_target_": "torch.nn.parallel.DistributedDataParallel",
+            "module": "$@network_def.requires_grad_(True).to(@device)",
+            "device_ids": "$[@device] if torch.cuda.is_available() else None",
+            "broadcast_buffers": False,
+        },
+        "train#sampler": {**sampler, "dataset": "@train#dataset", "shuffle": True},
+        "train#dataloader#shuffle": False,
+        "train#dataloader#sampler": "@train#sampler",
+        "validate#sampler": {**sampler, "dataset": "@validate#dataset", "shuffle": False},
+        "validate#dataloader#sampler": "@validate#sampler",
+        f"train#handlers#{final}#_disabled_": "$bool(@validation_data) or @rank > 0",
+        f"validate#handlers#{best}#_disabled_": "$@rank > 0",
+        "initialize": [
+            "$dist.is_initialized() or dist.init_process_group("
+            "backend='nccl' if torch.cuda.is_available() else 'gloo')",
+            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            "$monai.utils.set_determinism(seed=@seed + @rank)",
+        ],
+        "run": [
+            "$@train#checkpointer.attach(@train#trainer) if @rank == 0 else None",
+            "$@train#resumer.attach(@train#trainer) if @train#resumer is not None else None",
+            "$@train#trainer.run()",
+        ],
+        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+    }
+
+
 def _torchscript(root: Path) -> Path:
     """``models/model.ts``: MONAI's ``ckpt_export`` of the exported bundle, run in its folder as
     a user would (so the network comes from its ``scripts/``), with ``configs/metadata.json``
@@ -661,6 +710,9 @@ def export_bundle(
         morphometry = _morphometry_defaults(bundle)
         train = train_config(*common, morphometry, int(parser.get("batch_size", 2)))
         (root / "configs" / "train.json").write_text(json.dumps(train, indent=4) + "\n")
+        (root / "configs" / "multi_gpu_train.json").write_text(
+            json.dumps(multi_gpu_train_config(train), indent=4) + "\n"
+        )
         metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
         metadata["required_packages_version"] = {
             k: v for k, v in metadata["required_packages_version"].items() if k == "nibabel"
@@ -732,7 +784,13 @@ def export_bundle(
             "the best weights on the validation pairs (the last epoch's without them), also "
             "across a resume (the best score is kept in `finetune/model.key_metric.json`). "
             "A GAN's discriminator is not exported: its generator is fine-tuned by that loss "
-            "alone.\n"
+            "alone.\n\nOn several GPUs (one process each; CPU processes with `gloo` where "
+            "there is none) add `configs/multi_gpu_train.json` and launch with torchrun: the "
+            "pairs are split over the ranks, gradients averaged by `DistributedDataParallel`, "
+            "and rank 0 alone writes `finetune/`.\n\n```bash\n"
+            "torchrun --nproc_per_node=2 -m monai.bundle run --config_file "
+            "\"['configs/train.json','configs/multi_gpu_train.json']\" \\\n"
+            "  --bundle_root . --datalist /data/datalist.json --max_epochs 20\n```\n"
         )
         (root / "docs" / "README.md").write_text(readme)
         with atomic_path(output) as tmp_zip:

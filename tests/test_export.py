@@ -410,3 +410,61 @@ def test_exported_bundle_fine_tunes_without_bone3d(
     )  # fmt: skip
     assert res.returncode != 0 and "holds checkpoints of an earlier run" in res.stderr
     assert (ft / "checkpoint_epoch=6.pt").is_file()
+
+
+@pytest.mark.slow
+def test_exported_bundle_fine_tunes_on_two_ranks(phantom_pairs, plain_python, tmp_path):
+    """``configs/multi_gpu_train.json`` over ``train.json``, launched with torchrun (2 CPU
+    processes, gloo), fine-tunes in plain MONAI: rank 0 alone writes checkpoints, the saved
+    weights are the plain network's (``inference.json`` runs them), a rerun resumes on both
+    ranks, and the exported weights stay untouched."""
+    from bone3d.data.datalist import datalist_meta
+    from bone3d.tracking import free_port
+
+    meta = datalist_meta(phantom_pairs)
+    ckpt = _checkpoint(tmp_path, "unet", "3d")
+    data_meta = json.loads((ckpt.parent / "data_meta.json").read_text())
+    data_meta.update(lr_range=meta["lr_range"], hr_range=meta["hr_range"])
+    (ckpt.parent / "data_meta.json").write_text(json.dumps(data_meta))
+    zipped = export_bundle(ROOT / "bundles" / "unet_sr", tmp_path / "out.zip", "3d", ckpt)
+    zipfile.ZipFile(zipped).extractall(tmp_path / "x")
+    b = tmp_path / "x" / "unet_sr"
+    exported = (b / "models" / "model.pt").read_bytes()
+    # two training pairs, one per rank: the phantom datalist's training and test pairs
+    lists = json.loads(Path(phantom_pairs).read_text())
+    here = Path(phantom_pairs).parent
+    for pair in lists["training"] + lists["validation"] + lists["test"]:
+        pair.update({k: str(here / pair[k]) for k in ("image", "target")})
+    lists["training"] = lists["training"] + lists["test"]
+    datalist = tmp_path / "two_ranks.json"
+    datalist.write_text(json.dumps(lists))
+    configs = str([str(b / "configs" / f) for f in ("train.json", "multi_gpu_train.json")])
+
+    def torchrun(epochs: int) -> str:
+        res = subprocess.run(
+            [plain_python, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             f"--master_port={free_port()}", "-m", "monai.bundle", "run", "--config_file", configs,
+             "--bundle_root", str(b), "--datalist", str(datalist), "--samples_per_volume", "2",
+             "--max_epochs", str(epochs)],
+            capture_output=True, text=True, cwd=tmp_path, timeout=400,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout + res.stderr
+
+    log = torchrun(2)
+    assert "Epoch: 2/2" in log
+    # one of the two training pairs per rank and epoch (one volume per step): the sampler
+    # splits them; train.json alone would step over both in every process
+    assert "Iter: 1/1" in log and "Iter: 1/2" not in log, log[-3000:]
+    ft = b / "finetune"
+    assert sorted(f.name for f in ft.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=2.pt"]
+    log = torchrun(3)
+    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log  # both ranks resumed
+    state = torch.load(ft / "model.pt", weights_only=True)
+    fresh = build("unet", 3, "tiny", **_io("unet", "3d")).state_dict()
+    assert state.keys() == fresh.keys()  # not DistributedDataParallel's "module." names
+    assert (b / "models" / "model.pt").read_bytes() == exported
+    val = lists["validation"][0]["image"]
+    _monai_run(plain_python, b, "inference.json", "--input_image", val, "--output_dir",
+               str(tmp_path / "o"), "--ckpt_path", str(ft / "model.pt"), cwd=tmp_path)  # fmt: skip
+    assert len(list((tmp_path / "o").glob("*_sr.nii.gz"))) == 1
