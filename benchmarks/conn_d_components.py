@@ -16,7 +16,8 @@ tell them apart. Printed per method: the mean of each term over the sub-VOIs and
 median difference from HR's in the same sub-VOI.
 
 The volumes are read from the run's work folder (``WORK/<degradation>/data/<specimen>/`` and
-``WORK/<degradation>/sr-ensemble/<method>/<specimen>.nii.gz``, as `fidelity.py` writes them),
+``WORK/<degradation>/sr-ensemble/<method>/<specimen>.nii.gz``, as `fidelity.py` writes them;
+``--single-pass``: ``sr/``, its ``--no-self-ensemble`` volumes),
 the split from its result file; segmentation and sub-VOIs are the benchmark's
 (`fidelity.score_volume`, ``--threshold volume``: ImageJ IsoData once over each volume's scored
 region). Seconds, no training:
@@ -78,16 +79,19 @@ def volume_components(vols: dict[str, np.ndarray], hr: np.ndarray) -> list[dict]
     return rows
 
 
-def run_rows(result: Path, work: Path, degradation: str, split: str) -> list[dict]:
+def run_rows(
+    result: Path, work: Path, degradation: str, split: str, ensemble: bool = True
+) -> list[dict]:
     """The rows of one benchmark run: its ``split`` specimens, HR, trilinear LR and every model
-    whose SR volumes the work folder holds."""
-    from fidelity import _on_hr
+    whose SR volumes the work folder holds (the self-ensembled ones, or with ``ensemble``
+    False the single passes of ``fidelity.py --no-self-ensemble``)."""
+    from fidelity import _on_hr, sr_folder
 
     from bone3d.io import read_volume
 
     specimens = json.loads(result.read_text())["data"]["split"][split]
-    base = work / degradation
-    models = sorted(p.name for p in (base / "sr-ensemble").iterdir() if p.is_dir())
+    base, sr = work / degradation, sr_folder(work, degradation, ensemble)
+    models = sorted(p.name for p in sr.iterdir() if p.is_dir())
     rows = []
     for spec in specimens:
         hr_img = read_volume(base / "data" / spec / "hr.nii.gz")
@@ -98,7 +102,7 @@ def run_rows(result: Path, work: Path, degradation: str, split: str) -> list[dic
             )
         }
         for m in models:
-            path = base / "sr-ensemble" / m / f"{spec}.nii.gz"
+            path = sr / m / f"{spec}.nii.gz"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no SR volume of {spec} for {m}")
             vols[m] = read_volume(path).data[0].numpy()
@@ -129,17 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--degradation", default="hrpqct")
     ap.add_argument("--split", default="test", choices=["test", "validation"])
     ap.add_argument("--json", type=Path, help="also write the summary here")
+    ap.add_argument(
+        "--single-pass",
+        action="store_true",
+        help="the models' single passes (WORK/<degradation>/sr/, fidelity.py --no-self-ensemble)",
+    )
     args = ap.parse_args(argv)
+    folder = "sr" if args.single_pass else "sr-ensemble"
     if len(args.runs) % 2:
         ap.error("give pairs: a result file and its work folder")
     rows = []
     for result, work in zip(args.runs[::2], args.runs[1::2], strict=True):
-        if not (work / args.degradation / "sr-ensemble").is_dir():
-            ap.error(f"{work}: no {args.degradation}/sr-ensemble folder (a fidelity.py --work)")
+        if not (work / args.degradation / folder).is_dir():
+            ap.error(f"{work}: no {args.degradation}/{folder} folder (a fidelity.py --work)")
         try:
             rows += [
                 {**r, "run": str(result)}
-                for r in run_rows(result, work, args.degradation, args.split)
+                for r in run_rows(result, work, args.degradation, args.split, not args.single_pass)
             ]
         except (OSError, ValueError, KeyError) as err:
             ap.error(f"{result}, {work}: {err}")

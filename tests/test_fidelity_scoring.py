@@ -771,3 +771,8 @@ def test_conn_d_components_reads_a_fidelity_work_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         mod.main([str(result), str(tmp_path)])
     assert err.value.code == 2 and "sr-ensemble" in capsys.readouterr().err
+    # --single-pass reads the single passes (sr/) instead: here LR on the HR grid, as a model
+    write_volume(tio.Resample(hr)(lr), base / "sr" / "copy" / "s1.nii.gz")
+    assert mod.main([str(result), str(tmp_path / "w"), "--single-pass", "--json", str(out)]) == 0
+    single = json.loads(out.read_text())
+    assert single["copy"]["loops_minus_hr_mean"] < 0 and single["HR"] == s["HR"]
