@@ -15,6 +15,15 @@ to count. A method can miss HR's Conn.D by lost loops (broken trabeculae) or by 
 tell them apart. Printed per method: the mean of each term over the sub-VOIs and its mean and
 median difference from HR's in the same sub-VOI.
 
+``--noise-free`` adds two references made from each HR volume by the benchmark's own scanner
+model (`bone3d.data.simulate.degrade`, the degradation's preset with its noise off): "HR
+blurred" (the PSF alone, on the HR grid) and "LR noise-free" (PSF and LR sampling, trilinear
+back onto the HR grid, as LR's row). They ask where the loops go: what the blur removes, what
+the sampling adds, and (against "LR trilinear") what the noise costs. They are what a scan
+shows when segmented as the benchmark does, not a bound on what it holds: a loop the
+noise-free LR has lost is a trabecula blurred below the threshold, which a model can restore
+only by undoing the blur, as far as the noise lets it.
+
 The volumes are read from the run's work folder (``WORK/<degradation>/data/<specimen>/`` and
 ``WORK/<degradation>/sr-ensemble/<method>/<specimen>.nii.gz``, as `fidelity.py` writes them;
 ``--single-pass``: ``sr/``, its ``--no-self-ensemble`` volumes),
@@ -79,12 +88,33 @@ def volume_components(vols: dict[str, np.ndarray], hr: np.ndarray) -> list[dict]
     return rows
 
 
+def noise_free(hr_img, degradation: str) -> dict[str, np.ndarray]:
+    """The ``--noise-free`` references of one HR volume (module docstring), on its grid."""
+    from fidelity import _on_hr
+
+    from bone3d.data.simulate import degrade, get_preset
+
+    preset = get_preset(degradation, noise="none")
+    blurred = degrade(hr_img, preset, output_spacing_mm=tuple(hr_img.spacing)).image
+    lr = degrade(hr_img, preset).image
+    return {
+        "HR blurred": blurred.data[0].numpy()[tuple(slice(0, n) for n in hr_img.shape[1:])],
+        "LR noise-free": _on_hr(lr, hr_img, "linear"),
+    }
+
+
 def run_rows(
-    result: Path, work: Path, degradation: str, split: str, ensemble: bool = True
+    result: Path,
+    work: Path,
+    degradation: str,
+    split: str,
+    ensemble: bool = True,
+    references: bool = False,
 ) -> list[dict]:
     """The rows of one benchmark run: its ``split`` specimens, HR, trilinear LR and every model
     whose SR volumes the work folder holds (the self-ensembled ones, or with ``ensemble``
-    False the single passes of ``fidelity.py --no-self-ensemble``)."""
+    False the single passes of ``fidelity.py --no-self-ensemble``); with ``references`` the
+    noise-free references first (`noise_free`)."""
     from fidelity import _on_hr, sr_folder
 
     from bone3d.io import read_volume
@@ -96,11 +126,10 @@ def run_rows(
     for spec in specimens:
         hr_img = read_volume(base / "data" / spec / "hr.nii.gz")
         hr = hr_img.data[0].numpy()
-        vols = {
-            "LR trilinear": _on_hr(
-                read_volume(base / "data" / spec / "lr.nii.gz"), hr_img, "linear"
-            )
-        }
+        vols = noise_free(hr_img, degradation) if references else {}
+        vols["LR trilinear"] = _on_hr(
+            read_volume(base / "data" / spec / "lr.nii.gz"), hr_img, "linear"
+        )
         for m in models:
             path = sr / m / f"{spec}.nii.gz"
             if not path.is_file():
@@ -138,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the models' single passes (WORK/<degradation>/sr/, fidelity.py --no-self-ensemble)",
     )
+    ap.add_argument(
+        "--noise-free",
+        action="store_true",
+        help="add HR blurred by the scanner's PSF and its LR without noise (module docstring)",
+    )
     args = ap.parse_args(argv)
     folder = "sr" if args.single_pass else "sr-ensemble"
     if len(args.runs) % 2:
@@ -149,7 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows += [
                 {**r, "run": str(result)}
-                for r in run_rows(result, work, args.degradation, args.split, not args.single_pass)
+                for r in run_rows(
+                    result,
+                    work,
+                    args.degradation,
+                    args.split,
+                    not args.single_pass,
+                    args.noise_free,
+                )
             ]
         except (OSError, ValueError, KeyError) as err:
             ap.error(f"{result}, {work}: {err}")

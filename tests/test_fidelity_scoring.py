@@ -776,3 +776,10 @@ def test_conn_d_components_reads_a_fidelity_work_folder(tmp_path, capsys):
     assert mod.main([str(result), str(tmp_path / "w"), "--single-pass", "--json", str(out)]) == 0
     single = json.loads(out.read_text())
     assert single["copy"]["loops_minus_hr_mean"] < 0 and single["HR"] == s["HR"]
+    # --noise-free: the scanner model without noise; at 82 um and 0.12 mm FWHM the thinnest
+    # trabeculae of the phantom fall below the threshold, so both references lose loops
+    assert mod.main([str(result), str(tmp_path / "w"), "--noise-free", "--json", str(out)]) == 0
+    ref = json.loads(out.read_text())
+    assert {"HR blurred", "LR noise-free"} <= set(ref) and ref["HR"] == s["HR"]
+    assert ref["HR blurred"]["loops_minus_hr_mean"] < 0
+    assert ref["LR noise-free"]["loops"] <= ref["HR blurred"]["loops"]
