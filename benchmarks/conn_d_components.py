@@ -103,18 +103,19 @@ def noise_free(hr_img, degradation: str) -> dict[str, np.ndarray]:
     }
 
 
-def run_rows(
+def run_volumes(
     result: Path,
     work: Path,
     degradation: str,
     split: str,
     ensemble: bool = True,
     references: bool = False,
-) -> list[dict]:
-    """The rows of one benchmark run: its ``split`` specimens, HR, trilinear LR and every model
-    whose SR volumes the work folder holds (the self-ensembled ones, or with ``ensemble``
-    False the single passes of ``fidelity.py --no-self-ensemble``); with ``references`` the
-    noise-free references first (`noise_free`)."""
+):
+    """Yield ``(specimen, HR image, {method: volume on the HR grid})`` for one benchmark run's
+    ``split`` specimens: trilinear LR and every model whose SR volumes the work folder holds
+    (the self-ensembled ones, or with ``ensemble`` False the single passes of ``fidelity.py
+    --no-self-ensemble``); with ``references`` the noise-free references first
+    (`noise_free`)."""
     from fidelity import _on_hr, sr_folder
 
     from bone3d.io import read_volume
@@ -122,20 +123,46 @@ def run_rows(
     specimens = json.loads(result.read_text())["data"]["split"][split]
     base, sr = work / degradation, sr_folder(work, degradation, ensemble)
     models = sorted(p.name for p in sr.iterdir() if p.is_dir())
-    rows = []
     for spec in specimens:
         hr_img = read_volume(base / "data" / spec / "hr.nii.gz")
-        hr = hr_img.data[0].numpy()
         vols = noise_free(hr_img, degradation) if references else {}
-        vols["LR trilinear"] = _on_hr(
-            read_volume(base / "data" / spec / "lr.nii.gz"), hr_img, "linear"
-        )
+        lr = read_volume(base / "data" / spec / "lr.nii.gz")
+        vols["LR trilinear"] = _on_hr(lr, hr_img, "linear")
         for m in models:
             path = sr / m / f"{spec}.nii.gz"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no SR volume of {spec} for {m}")
             vols[m] = read_volume(path).data[0].numpy()
-        rows += [{**r, "specimen": spec} for r in volume_components(vols, hr)]
+        yield spec, hr_img, vols
+
+
+def work_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of the scripts that read fidelity runs: RESULT WORK pairs,
+    ``--degradation``, ``--split``, ``--json``."""
+    ap = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("runs", nargs="+", type=Path, metavar="RESULT WORK")
+    ap.add_argument("--degradation", default="hrpqct")
+    ap.add_argument("--split", default="test", choices=["test", "validation"])
+    ap.add_argument("--json", type=Path, help="also write the summary here")
+    return ap
+
+
+def read_runs(ap, args, rows_of, folder: str = "sr-ensemble") -> list[dict]:
+    """``rows_of(result, work)`` over the command line's RESULT WORK pairs, each row marked
+    with its run; a missing pair member, a folder that is not a fidelity work folder (no
+    ``<degradation>/<folder>``) or an unreadable run ends with exit 2 and one line."""
+    if len(args.runs) % 2:
+        ap.error("give pairs: a result file and its work folder")
+    rows = []
+    for result, work in zip(args.runs[::2], args.runs[1::2], strict=True):
+        if not (work / args.degradation / folder).is_dir():
+            ap.error(f"{work}: no {args.degradation}/{folder} folder (a fidelity.py --work)")
+        try:
+            rows += [{**r, "run": str(result)} for r in rows_of(result, work)]
+        except (OSError, ValueError, KeyError) as err:
+            ap.error(f"{result}, {work}: {err}")
     return rows
 
 
@@ -155,13 +182,7 @@ def summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("runs", nargs="+", type=Path, metavar="RESULT WORK")
-    ap.add_argument("--degradation", default="hrpqct")
-    ap.add_argument("--split", default="test", choices=["test", "validation"])
-    ap.add_argument("--json", type=Path, help="also write the summary here")
+    ap = work_parser(__doc__)
     ap.add_argument(
         "--single-pass",
         action="store_true",
@@ -173,27 +194,18 @@ def main(argv: list[str] | None = None) -> int:
         help="add HR blurred by the scanner's PSF and its LR without noise (module docstring)",
     )
     args = ap.parse_args(argv)
-    folder = "sr" if args.single_pass else "sr-ensemble"
-    if len(args.runs) % 2:
-        ap.error("give pairs: a result file and its work folder")
-    rows = []
-    for result, work in zip(args.runs[::2], args.runs[1::2], strict=True):
-        if not (work / args.degradation / folder).is_dir():
-            ap.error(f"{work}: no {args.degradation}/{folder} folder (a fidelity.py --work)")
-        try:
-            rows += [
-                {**r, "run": str(result)}
-                for r in run_rows(
-                    result,
-                    work,
-                    args.degradation,
-                    args.split,
-                    not args.single_pass,
-                    args.noise_free,
-                )
-            ]
-        except (OSError, ValueError, KeyError) as err:
-            ap.error(f"{result}, {work}: {err}")
+
+    def rows_of(result: Path, work: Path) -> list[dict]:
+        volumes = run_volumes(
+            result, work, args.degradation, args.split, not args.single_pass, args.noise_free
+        )
+        return [
+            {**r, "specimen": spec}
+            for spec, hr_img, vols in volumes
+            for r in volume_components(vols, hr_img.data[0].numpy())
+        ]
+
+    rows = read_runs(ap, args, rows_of, "sr" if args.single_pass else "sr-ensemble")
     out = summary(rows)
     print(f"{args.degradation}, {args.split}: mean per sub-VOI (method - HR: mean / median)")
     print(f"{'method':22s} {'n':>3s}" + "".join(f"{t:>24s}" for t in TERMS))

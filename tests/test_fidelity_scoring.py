@@ -744,6 +744,24 @@ def test_conn_d_components_split_connectivity_into_loops_particles_and_cavities(
     assert comp(hollow) == {"loops": 3, "particles": 1, "cavities": 1, "connectivity": 2}
 
 
+def _work_folder(tmp_path):
+    """A fidelity work folder with one test specimen (a phantom, its LR at 0.1 mm) and one
+    'model' that returns HR itself; returns the result file, the folder, HR and LR images."""
+    import torchio as tio
+
+    from bone3d.io import write_volume
+
+    hr = make_phantom(shape=(48, 48, 48), spacing_mm=0.05, bv_tv=0.2, seed=3).image
+    lr = tio.Resample(0.1)(hr)
+    base = tmp_path / "w" / "hrpqct"
+    write_volume(hr, base / "data" / "s1" / "hr.nii.gz")
+    write_volume(lr, base / "data" / "s1" / "lr.nii.gz")
+    write_volume(hr, base / "sr-ensemble" / "copy" / "s1.nii.gz")
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"data": {"split": {"test": ["s1"]}}}))
+    return result, tmp_path / "w", hr, lr
+
+
 def test_conn_d_components_reads_a_fidelity_work_folder(tmp_path, capsys):
     """Methods are read from the work folder as fidelity.py writes it; a method equal to HR
     differs from it by nothing, trilinear LR (blurred) loses loops; a folder that is not a
@@ -753,14 +771,8 @@ def test_conn_d_components_reads_a_fidelity_work_folder(tmp_path, capsys):
     from bone3d.io import write_volume
 
     mod = _benchmark("conn_d_components")
-    hr = make_phantom(shape=(48, 48, 48), spacing_mm=0.05, bv_tv=0.2, seed=3).image
-    lr = tio.Resample(0.1)(hr)
-    base = tmp_path / "w" / "hrpqct"
-    write_volume(hr, base / "data" / "s1" / "hr.nii.gz")
-    write_volume(lr, base / "data" / "s1" / "lr.nii.gz")
-    write_volume(hr, base / "sr-ensemble" / "copy" / "s1.nii.gz")
-    result = tmp_path / "r.json"
-    result.write_text(json.dumps({"data": {"split": {"test": ["s1"]}}}))
+    result, work, hr, lr = _work_folder(tmp_path)
+    base = work / "hrpqct"
     out = tmp_path / "c.json"
     assert mod.main([str(result), str(tmp_path / "w"), "--json", str(out)]) == 0
     s = json.loads(out.read_text())
@@ -783,3 +795,22 @@ def test_conn_d_components_reads_a_fidelity_work_folder(tmp_path, capsys):
     assert {"HR blurred", "LR noise-free"} <= set(ref) and ref["HR"] == s["HR"]
     assert ref["HR blurred"]["loops_minus_hr_mean"] < 0
     assert ref["LR noise-free"]["loops"] <= ref["HR blurred"]["loops"]
+
+
+def test_scanner_references_score_the_noise_free_scan_as_a_method(tmp_path, capsys):
+    """The noise-free references are scored as the benchmark scores a method: a model equal
+    to HR has no error; the scanner's PSF thickens trabeculae under the IsoData threshold
+    (Tb.Th biased high) and the coarser LR grid more so; a folder that is not a work folder
+    is refused with exit 2."""
+    mod = _benchmark("scanner_references")
+    result, _, _, _ = _work_folder(tmp_path)
+    out = tmp_path / "s.json"
+    assert mod.main([str(result), str(tmp_path / "w"), "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert set(s) == {"HR blurred", "LR noise-free", "LR trilinear", "copy"}
+    assert all(s["copy"][f"{p}_mare"] == 0 for p in ("bv_tv", "tb_th_mm", "da"))
+    assert 0 < s["HR blurred"]["tb_th_mm_median_bias"] < s["LR noise-free"]["tb_th_mm_median_bias"]
+    assert s["HR blurred"]["tb_th_mm_mare"] > 0.05
+    with pytest.raises(SystemExit) as err:
+        mod.main([str(result), str(tmp_path)])
+    assert err.value.code == 2 and "sr-ensemble" in capsys.readouterr().err
