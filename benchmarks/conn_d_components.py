@@ -156,7 +156,9 @@ def read_runs(ap, args, rows_of, folder: str = "sr-ensemble") -> list[dict]:
     if len(args.runs) % 2:
         ap.error("give pairs: a result file and its work folder")
     rows = []
-    for result, work in zip(args.runs[::2], args.runs[1::2], strict=True):
+    pairs = list(zip(args.runs[::2], args.runs[1::2], strict=True))
+    for i, (result, work) in enumerate(pairs):
+        print(f"[{i + 1}/{len(pairs)}] {work}", file=sys.stderr)  # progress: seconds per volume
         if not (work / args.degradation / folder).is_dir():
             ap.error(f"{work}: no {args.degradation}/{folder} folder (a fidelity.py --work)")
         try:
