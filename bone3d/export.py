@@ -668,7 +668,8 @@ def export_bundle(
     if not ckpt.is_file():
         raise InputError(ckpt, "no trained weights: train the bundle first or pass --checkpoint")
     meta = read_meta(ckpt.parent / "data_meta.json")
-    model_name = parser["model_name"]
+    # the network the weights were trained as (a GAN stage may train another generator)
+    model_name = meta.get("model_name") or parser["model_name"]
     slab = meta.get("slab")
     spatial_dims = int(meta.get("spatial_dims", 3))
     scale = meta.get("scale")

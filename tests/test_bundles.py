@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -256,3 +257,55 @@ def test_morphometry_loss_overlay_trains(bundle, variant, level, datalist, tmp_p
     assert threshold == ("otsu" if level == "otsu" else str(hr_bone_level(datalist)))
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert losses and all(np.isfinite(losses))
+
+
+@pytest.mark.slow
+def test_gan_stage_fine_tunes_a_pretrained_generator_of_another_bundle(datalist, tmp_path):
+    """The ESRGAN / SRGAN recipe with pix2pix's paired GAN step: ``--model_name unet
+    --pretrained_g`` starts the adversarial stage from a trained unet_sr model; the checkpoint's
+    ``data_meta.json`` says which network it holds, so ``bone3d infer`` and ``bone3d export`` of
+    the pix2pix bundle rebuild that network (the same output as the unet_sr bundle gives)."""
+    from bone3d.export import export_bundle
+
+    unet_b, gan_b = ROOT / "bundles" / "unet_sr", ROOT / "bundles" / "pix2pix"
+    common = ["--datalist", str(datalist), "--net_preset", "tiny", "--patch_size", "[32,32,32]",
+              "--max_epochs", "1", "--val_interval", "1", "--samples_per_volume", "2",
+              "--queue_length", "4"]  # fmt: skip
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    _run(["-m", "monai.bundle", "run", *bundle_cli_args(unet_b, "train", "3d"),
+          "--bundle_root", str(unet_b), "--ckpt_dir", str(stage1),
+          "--output_dir", str(tmp_path / "runs1"), *common], cwd=tmp_path)  # fmt: skip
+    res = _run(
+        ["-m", "monai.bundle", "run", *bundle_cli_args(gan_b, "train", "3d"), "--tracking",
+         "mlflow", "--tracking_uri", f"sqlite:///{tmp_path / 'mlruns.db'}", "--bundle_root",
+         str(gan_b), "--ckpt_dir", str(stage2), "--output_dir", str(tmp_path / "runs2"),
+         "--model_name", "unet", "--pretrained_g", str(stage1 / "model.pt"), *common],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert f"Restored all variables from {stage1 / 'model.pt'}" in res.stdout + res.stderr
+    assert json.loads((stage2 / "data_meta.json").read_text())["model_name"] == "unet"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(experiment_name(datalist)).experiment_id]
+    )
+    assert run.data.params["pretrained_g"] == str(stage1 / "model.pt")
+    assert client.get_metric_history(run.info.run_id, "train_loss_d")
+    trained = torch.load(stage2 / "model.pt", weights_only=True)
+    started = torch.load(stage1 / "model.pt", weights_only=True)
+    assert trained.keys() == started.keys()  # the U-Net, fine-tuned
+    assert any(not torch.equal(trained[k], started[k]) for k in trained)
+
+    test = datalist_items(datalist, "test")[0]
+    outs = {}
+    for b in (gan_b, unet_b):
+        outs[b.name] = tmp_path / f"{b.name}.nii.gz"
+        args = ["infer", str(b), test["image"], "-o", str(outs[b.name]), "--checkpoint",
+                str(stage2 / "model.pt")]  # fmt: skip
+        assert bone3d_main(args) == 0
+    np.testing.assert_array_equal(
+        read_volume(outs["pix2pix"]).data.numpy(), read_volume(outs["unet_sr"]).data.numpy()
+    )
+    zipped = export_bundle(gan_b, tmp_path / "pix2pix.zip", checkpoint=stage2 / "model.pt")
+    with zipfile.ZipFile(zipped) as zf:
+        cfg = json.loads(zf.read("pix2pix/configs/inference.json"))
+    assert cfg["network_def"]["_target_"].startswith("scripts.unet.")
