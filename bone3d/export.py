@@ -23,9 +23,13 @@ bone3d's TorchIO pipeline. The exported bundle instead:
 
 MONAI adds the bundle root to ``sys.path`` before ``run``, so ``scripts`` imports when the bundle
 is run with ``python -m monai.bundle run --config_file <bundle>/configs/inference.json``.
-bone3d's own training (TorchIO queues, GAN engines, the frozen regressor) is not exported: the
-fine-tuning config trains the exported network alone, a GAN's generator without its
-discriminator.
+bone3d's own training data path (TorchIO queues) and the frozen regressor are not exported:
+the fine-tuning config reads pairs with MONAI transforms. A paired GAN (pix2pix, pix2pixHD,
+ESRGAN, R2-RCANGAN) fine-tunes adversarially, as it trained: bone3d's `PairedGANStep` is
+copied into ``scripts/gan.py``, the discriminator's code beside the generator's, and its
+trained weights (from the training's last checkpoint) into ``models/discriminator.pt``
+(`gan_stage`). The unpaired GANs' generators (CycleGAN, StarGAN, FUNIT) fine-tune on pairs by
+the loss alone.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ _REGRESSOR_IMPORT = "            from bone3d.losses.regressor import RegressorLo
 
 
 def _copy_scripts(dest: Path, modules: list[str], slab: bool) -> None:
+    import bone3d.engines.gan as gan
     import bone3d.engines.plain as plain
     import bone3d.inference as inference
     import bone3d.losses.morphometry as morphometry_loss
@@ -122,6 +127,10 @@ def _copy_scripts(dest: Path, modules: list[str], slab: bool) -> None:
     # the frozen regressor (bone3d fit-regressor) is not exported: its term needs bone3d
     no_regressor = '            raise ValueError("the regressor term needs bone3d")\n'
     (dest / "morphometry_loss.py").write_text(src.replace(_REGRESSOR_IMPORT, no_regressor))
+    src = Path(gan.__file__).read_text()
+    if re.search(r"^\s*(from|import)\s+bone3d", src, re.MULTILINE):
+        raise InputError("bone3d.engines.gan", "imports bone3d; cannot export")
+    (dest / "gan.py").write_text(src)
 
 
 def _json_value(v):
@@ -303,9 +312,66 @@ def _morphometry_defaults(bundle: Path) -> dict | None:
     }
 
 
+_PAIRED_GAN = "bone3d.engines.gan.PairedGANStep"
+
+
+def gan_stage(bundle: Path, variant: str, ckpt: Path, meta: dict) -> dict | None:
+    """The adversarial stage of a paired-GAN bundle (its training step `PairedGANStep`:
+    pix2pix, pix2pixHD, ESRGAN, R2-RCANGAN), for the exported ``train.json``; None for every
+    other bundle (the unpaired GANs' steps need both domains' generators and are not exported).
+
+    Returns the discriminator's class and constructor arguments (`bone3d.nets.build_spec` with
+    the bundle's ``d_name``, the variant's dimensions and the checkpoint's preset; its input is
+    the generator's input channels, when conditional, plus its output channels), the step's
+    loss kind, conditioning and weights (a perceptual weight set to 0: the in-project regressor
+    is not exported), D's optimiser betas, and D's trained weights: the ``discriminator`` entry
+    of the newest ``checkpoint_epoch=N.pt`` beside ``ckpt`` (the training's last epoch), or None
+    when there is none (the exported D then starts from its initialisation)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from bone3d.engines import bundle_configs
+    from bone3d.engines.plain import latest_checkpoint
+    from bone3d.nets import build_spec
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle, "train", variant))
+    step = parser.get("gan_step")
+    if not isinstance(step, dict) or step.get("_target_") != _PAIRED_GAN:
+        return None
+    slab, scale = meta.get("slab"), meta.get("scale")
+    g_in = 1 if slab is None else 2 * int(slab) + 1
+    g_out = scale if (scale and slab is not None) else 1
+    conditional = bool(parser["conditional"])
+    cls, args = build_spec(
+        parser["d_name"],
+        int(meta.get("spatial_dims", 3)),
+        meta.get("net_preset", "cpu3d"),
+        in_channels=(g_in if conditional else 0) + g_out,
+    )
+    state = None
+    last = latest_checkpoint(ckpt.parent)
+    if last is not None:
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        state = saved.get("discriminator") if isinstance(saved, dict) else None
+    weights = {k: float(v) for k, v in parser["loss_weights"].items()}
+    weights["perceptual"] = 0.0
+    return {
+        "d_name": str(parser["d_name"]),
+        "cls": cls,
+        "args": args,
+        "gan_loss": str(parser["gan_loss"]),
+        "conditional": conditional,
+        "weights": weights,
+        "betas": [float(b) for b in parser["d_optimizer"]["betas"]],
+        "state": state,
+        "from": None if state is None else Path(last).name,
+    }
+
+
 def train_config(
     target: str, args: dict, meta: dict, patch, sw_batch, overlap, slab, scale=None,
-    morphometry: dict | None = None, patches_per_step: int = 2,
+    morphometry: dict | None = None, patches_per_step: int = 2, gan: dict | None = None,
 ) -> dict:  # fmt: skip
     """The exported ``train.json``: fine-tunes the exported weights on registered LR/HR pairs
     in plain MONAI (the module docstring of `bone3d.engines.plain` has the data path).
@@ -316,8 +382,15 @@ def train_config(
     volumes, ``samples_per_volume`` (``patches_per_step``, the training's batch size) patches
     from each. The loss is ``morphometry``'s `bone3d.losses.MorphometryLoss` (its module copied into ``scripts/``; ``--morphometry false``
     or no ``morphometry``: the L1 pixel loss), ramped in over its warm-up iterations without the
-    pixel-only pre-training (the weights are trained). A GAN's generator is fine-tuned by that
-    loss alone: the discriminator is not exported.
+    pixel-only pre-training (the weights are trained).
+
+    ``gan`` (`gan_stage`, with ``target``, the discriminator's ``scripts.<module>.<Class>``):
+    a paired GAN fine-tunes adversarially, as it trained. The trainer's step is bone3d's
+    `PairedGANStep` (``scripts/gan.py``) with the bundle's loss kind, conditioning and weights
+    (``gan_weights``; ``content`` multiplies the loss above); D starts from
+    ``models/discriminator.pt`` where the export holds one, is checkpointed and resumed with
+    G, and learns at ``d_learning_rate`` (G's rate unless set). ``--gan false`` fine-tunes G by
+    the loss alone, as for every other bundle.
 
     Writes into ``output_dir`` (``finetune/``): ``checkpoint_epoch=N.pt`` every epoch (model,
     optimiser, trainer; a rerun resumes from the newest, and since every epoch's random draws
@@ -379,6 +452,52 @@ def train_config(
     else:
         loss, loss_parts, warmup = pixel, {}, []
     saver = "scripts.plain.atomic_checkpoint_saver"
+    gan_parts, d_init, d_saved, gan_log, step = {}, [], {}, [], {}
+    if gan:
+        on = "str(@gan).lower() == 'true'"
+        gan_parts = {
+            "gan": True,
+            "gan_loss": gan["gan_loss"],
+            "conditional": gan["conditional"],
+            "gan_weights": gan["weights"],
+            "d_learning_rate": "@learning_rate",
+            "discriminator_def": {"_target_": gan["target"], **_json_value(gan["args"])},
+            "discriminator": "$@discriminator_def.requires_grad_(True).to(@device)",
+            "d_optimizer": {
+                "_target_": "torch.optim.Adam",
+                "params": "$@discriminator.parameters()",
+                "lr": "@d_learning_rate",
+                "betas": gan["betas"],
+            },
+            "d_init_weights": "$@bundle_root + '/models/discriminator.pt'",
+            "gan_step": {
+                "_target_": "scripts.gan.PairedGANStep",
+                "discriminator": "@discriminator",
+                "d_optimizer": "@d_optimizer",
+                "gan_loss": "@gan_loss",
+                "weights": "@gan_weights",
+                "conditional": "@conditional",
+            },
+        }
+        d_init = [
+            {
+                "_target_": "CheckpointLoader",
+                "_disabled_": "$@resume_from is not None or not os.path.isfile(@d_init_weights)",
+                "load_path": "@d_init_weights",
+                "load_dict": {"discriminator": "@discriminator"},
+                "map_location": "@device",
+            }
+        ]
+        d_saved = {"discriminator": "@discriminator", "d_optimizer": "@d_optimizer"}
+        gan_log = [
+            {
+                "_target_": "StatsHandler",
+                "_disabled_": f"$not ({on})",
+                "tag_name": "gan",
+                "output_transform": {"_target_": "scripts.gan.gan_losses", "_mode_": "callable"},
+            }
+        ]
+        step = {"iteration_update": f"$@gan_step if {on} else None"}
     return {
         "imports": ["$import os", "$import torch", "$import monai"],
         "bundle_root": ".",
@@ -420,6 +539,7 @@ def train_config(
         "network": "$@network_def.requires_grad_(True).to(@device)",
         **loss_parts,
         "loss": loss,
+        **gan_parts,
         "optimizer": {
             "_target_": "torch.optim.Adam",
             "params": "$@network.parameters()",
@@ -449,6 +569,7 @@ def train_config(
                     "load_dict": {"model": "@network"},
                     "map_location": "@device",
                 },
+                *d_init,
                 # every epoch a function of (seed, epoch): a resumed run replays the draws
                 {
                     "_target_": "scripts.plain.EpochSeed",
@@ -468,6 +589,7 @@ def train_config(
                     "tag_name": "train_loss",
                     "output_transform": "$monai.handlers.from_engine(['loss'], first=True)",
                 },
+                *gan_log,
                 {
                     "_target_": saver,
                     "_disabled_": "$bool(@validation_data)",
@@ -488,6 +610,7 @@ def train_config(
                 "prepare_batch": {"_target_": "scripts.plain.pair_batch", "_mode_": "callable"},
                 "train_handlers": "@train#handlers",
                 "amp": False,
+                **step,
             },
             "checkpointer": {
                 "_target_": saver,
@@ -495,6 +618,7 @@ def train_config(
                 "save_dict": {
                     "model": "@network",
                     "optimizer": "@optimizer",
+                    **d_saved,
                     "trainer": "@train#trainer",
                 },
                 "save_interval": 1,
@@ -507,6 +631,7 @@ def train_config(
                 "load_dict": {
                     "model": "@network",
                     "optimizer": "@optimizer",
+                    **d_saved,
                     "trainer": "@train#trainer",
                 },
                 "map_location": "@device",
@@ -582,6 +707,19 @@ def multi_gpu_train_config(train: dict) -> dict:
     final = next(i for i, h in enumerate(train["train"]["handlers"]) if h["_target_"] == saver)
     best = next(i for i, h in enumerate(train["validate"]["handlers"]) if h["_target_"] == saver)
     sampler = {"_target_": "DistributedSampler", "even_divisible": True}
+    # a paired GAN's discriminator is wrapped as the generator is (its gradients averaged too)
+    d = (
+        {
+            "discriminator": {
+                "_target_": "torch.nn.parallel.DistributedDataParallel",
+                "module": "$@discriminator_def.requires_grad_(True).to(@device)",
+                "device_ids": "$[@device] if torch.cuda.is_available() else None",
+                "broadcast_buffers": False,
+            }
+        }
+        if "discriminator_def" in train
+        else {}
+    )
     return {
         "+imports": ["$import torch.distributed as dist"],
         "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK']) "
@@ -593,6 +731,7 @@ def multi_gpu_train_config(train: dict) -> dict:
             "device_ids": "$[@device] if torch.cuda.is_available() else None",
             "broadcast_buffers": False,
         },
+        **d,
         "train#sampler": {**sampler, "dataset": "@train#dataset", "shuffle": True},
         "train#dataloader#shuffle": False,
         "train#dataloader#sampler": "@train#sampler",
@@ -686,11 +825,29 @@ def export_bundle(
     )
     state = load_weights(cls(**args), ckpt)
     module = cls.__module__.rsplit(".", 1)[-1]
+    gan = gan_stage(bundle, variant, ckpt, meta)
+    modules = _module_closure(module)
+    if gan:
+        d_module = gan["cls"].__module__.rsplit(".", 1)[-1]
+        modules += [m for m in _module_closure(d_module) if m not in modules]
+        gan["target"] = f"scripts.{d_module}.{gan['cls'].__name__}"
+        if gan["state"] is not None:  # D's trained weights must fit the exported D
+            d = gan["cls"](**gan["args"])
+            try:
+                d.load_state_dict(gan["state"])
+            except RuntimeError as err:
+                detail = " ".join(str(err).split())[:300]
+                raise InputError(
+                    ckpt.parent / gan["from"],
+                    f"its discriminator does not fit {gan['d_name']} "
+                    f"with the checkpoint's preset ({detail})",
+                ) from None
+            gan["state"] = d.state_dict()
     patch = list(parser["patch_size"])
     name = bundle.name
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / name
-        _copy_scripts(root / "scripts", _module_closure(module), slab is not None)
+        _copy_scripts(root / "scripts", modules, slab is not None)
         (root / "configs").mkdir()
         (root / "models").mkdir()
         (root / "docs").mkdir()
@@ -709,7 +866,7 @@ def export_bundle(
         )
         (root / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
         morphometry = _morphometry_defaults(bundle)
-        train = train_config(*common, morphometry, int(parser.get("batch_size", 2)))
+        train = train_config(*common, morphometry, int(parser.get("batch_size", 2)), gan)
         (root / "configs" / "train.json").write_text(json.dumps(train, indent=4) + "\n")
         (root / "configs" / "multi_gpu_train.json").write_text(
             json.dumps(multi_gpu_train_config(train), indent=4) + "\n"
@@ -741,8 +898,34 @@ def export_bundle(
         import torch
 
         torch.save(state, root / "models" / "model.pt")
+        if gan and gan["state"] is not None:
+            torch.save(gan["state"], root / "models" / "discriminator.pt")
         _torchscript(root)
         (root / "models" / "data_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if not gan:
+            gan_text = (
+                "An unpaired GAN's generator is fine-tuned by that loss alone."
+                if "d_name" in json.loads((bundle / "configs" / "train.json").read_text())
+                else ""
+            )
+        else:
+            gan_text = (
+                "The generator trained adversarially and fine-tunes so: bone3d's paired GAN "
+                f"step (`scripts/gan.py`; {gan['gan_loss']} loss, "
+                + ("conditional " if gan["conditional"] else "unconditional ")
+                + f"discriminator `{gan['target']}`, weights "
+                + ", ".join(f"{k} {v:g}" for k, v in gan["weights"].items() if k != "perceptual")
+                + ", `content` multiplying the loss above) with the discriminator "
+                + (
+                    f"starting from its trained weights (`models/discriminator.pt`, from "
+                    f"`{gan['from']}`)"
+                    if gan["state"] is not None
+                    else "starting afresh (the export found no training checkpoint with its "
+                    "weights)"
+                )
+                + ", checkpointed and resumed with the generator; `--d_learning_rate` sets its "
+                "rate (the generator's by default), `--gan false` fine-tunes by the loss alone."
+            )
         readme = (bundle / "docs" / "README.md").read_text()
         readme += (
             f"\n## This exported copy\n\nExported by `bone3d export` ({variant} variant, weights "
@@ -784,8 +967,8 @@ def export_bundle(
             "`finetune/` that holds an earlier run's checkpoints); `finetune/model.pt` holds "
             "the best weights on the validation pairs (the last epoch's without them), also "
             "across a resume (the best score is kept in `finetune/model.key_metric.json`). "
-            "A GAN's discriminator is not exported: its generator is fine-tuned by that loss "
-            "alone.\n\nOn several GPUs (one process each; CPU processes with `gloo` where "
+            + gan_text
+            + "\n\nOn several GPUs (one process each; CPU processes with `gloo` where "
             "there is none) add `configs/multi_gpu_train.json` and launch with torchrun: the "
             "pairs are split over the ranks, gradients averaged by `DistributedDataParallel`, "
             "and rank 0 alone writes `finetune/`.\n\n```bash\n"

@@ -468,3 +468,59 @@ def test_exported_bundle_fine_tunes_on_two_ranks(phantom_pairs, plain_python, tm
     _monai_run(plain_python, b, "inference.json", "--input_image", val, "--output_dir",
                str(tmp_path / "o"), "--ckpt_path", str(ft / "model.pt"), cwd=tmp_path)  # fmt: skip
     assert len(list((tmp_path / "o").glob("*_sr.nii.gz"))) == 1
+
+
+@pytest.mark.slow
+def test_exported_paired_gan_fine_tunes_adversarially(phantom_pairs, plain_python, tmp_path):
+    """A paired GAN's export carries its discriminator: the code in ``scripts/``, the weights of
+    the training's last checkpoint in ``models/discriminator.pt``, and bone3d's paired GAN
+    step. In plain MONAI ``train.json`` loads that D, trains it with G, checkpoints and resumes
+    both; ``--gan false`` fine-tunes G by the loss alone and leaves D as exported."""
+    from bone3d.data.datalist import datalist_meta
+
+    meta = datalist_meta(phantom_pairs)
+    ckpt = _checkpoint(tmp_path, "pix2pix_g", "3d")
+    data_meta = json.loads((ckpt.parent / "data_meta.json").read_text())
+    data_meta.update(lr_range=meta["lr_range"], hr_range=meta["hr_range"])
+    (ckpt.parent / "data_meta.json").write_text(json.dumps(data_meta))
+    torch.manual_seed(1)
+    d = build("patchgan_d", 3, "tiny", in_channels=2)  # conditional: cat(LR, image)
+    g = torch.load(ckpt, weights_only=True)
+    for epoch, scale in ((2, 0.5), (3, 1.0)):  # the last epoch's D is the one exported
+        d_state = {k: v * scale for k, v in d.state_dict().items()}
+        torch.save({"model": g, "discriminator": d_state},
+                   ckpt.parent / f"checkpoint_epoch={epoch}.pt")  # fmt: skip
+    zipped = export_bundle(ROOT / "bundles" / "pix2pix", tmp_path / "out.zip", "3d", ckpt)
+    zipfile.ZipFile(zipped).extractall(tmp_path / "x")
+    b = tmp_path / "x" / "pix2pix"
+    exported_d = torch.load(b / "models" / "discriminator.pt", weights_only=True)
+    assert all(torch.equal(exported_d[k], v) for k, v in d.state_dict().items())
+    train = json.loads((b / "configs" / "train.json").read_text())
+    assert "bone3d" not in json.dumps(train) and (b / "scripts" / "gan.py").is_file()
+    assert train["gan_weights"]["content"] == 100.0 and train["gan_loss"] == "vanilla"
+    overlay = json.loads((b / "configs" / "multi_gpu_train.json").read_text())
+    assert overlay["discriminator"]["_target_"].endswith("DistributedDataParallel")
+    assert "models/discriminator.pt" in (b / "docs" / "README.md").read_text()
+
+    args = ["--datalist", str(phantom_pairs), "--samples_per_volume", "2", "--morphometry", "false"]
+    log = _monai_run(plain_python, b, "train.json", *args, "--max_epochs", "2", cwd=tmp_path)
+    assert "discriminator.pt" in log and "Restored all variables" in log
+    assert "loss_d" in log and "Epoch: 2/2" in log
+    ft = b / "finetune"
+    two = torch.load(ft / "checkpoint_epoch=2.pt", weights_only=True)
+    assert {"model", "optimizer", "discriminator", "d_optimizer", "trainer"} <= set(two)
+    assert any(not torch.equal(two["discriminator"][k], v) for k, v in exported_d.items())
+    log = _monai_run(plain_python, b, "train.json", *args, "--max_epochs", "3", cwd=tmp_path)
+    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log  # resumed, D with G
+    three = torch.load(ft / "checkpoint_epoch=3.pt", weights_only=True)
+    assert any(
+        not torch.equal(three["discriminator"][k], v) for k, v in two["discriminator"].items()
+    )
+
+    plain_ft = tmp_path / "no_gan"
+    log = _monai_run(plain_python, b, "train.json", *args, "--max_epochs", "1", "--gan", "false",
+                     "--output_dir", str(plain_ft), cwd=tmp_path)  # fmt: skip
+    assert "loss_d" not in log
+    one = torch.load(plain_ft / "checkpoint_epoch=1.pt", weights_only=True)
+    assert all(torch.equal(one["discriminator"][k], v) for k, v in exported_d.items())
+    assert any(not torch.equal(one["model"][k], v) for k, v in g.items())
