@@ -76,7 +76,10 @@ a new ``--work`` try other training lengths, ``--patch-3d N`` other 3D patch sid
 1.6 mm at the benchmark's 0.05 mm HR voxels). ``--regressor WEIGHT`` fits the frozen morphometry
 regressor (``bone3d fit-regressor``) on the training HR volumes into the work folder and adds
 its term to every +morpho training; ``--regressor-level isodata`` labels its patches at one level
-(the training HR volumes' pooled IsoData) instead of each patch's own Otsu.
+(the training HR volumes' pooled IsoData) instead of each patch's own Otsu. ``--gan-stage``
+fine-tunes every +morpho pre-upsampling generator 30 epochs more by pix2pix's paired GAN step
+(`gan_stage_args`; rows ``NAME+morpho+gan``); with ``--epochs-3d 60`` on the U-Net 3D it is the
+setting recommended on 2026-11-24 and not yet in the headline table.
 
 Cross-validation: ``--fold K`` (K > 0) keeps the test donors, takes the validation donors from
 the next places of the same seeded order (the earlier ones train; `donor_split`) and scores the
@@ -470,7 +473,29 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 
 
 def _label(info: dict) -> str:
+    if info.get("stage_of"):  # a GAN stage on a trained generator (``--gan-stage``)
+        return f"{info['stage_of']}-{info['variant']}+morpho+gan"
     return f"{info['bundle']}-{info['variant']}" + ("+morpho" if info["morphometry_loss"] else "")
+
+
+GAN_STAGE_EPOCHS = 30
+
+
+def gan_stage_args(bundle: str, checkpoint: str) -> list[str]:
+    """``monai.bundle run`` arguments of ``--gan-stage`` (the settings of the recommended trial
+    in ``benchmarks/results/README.md``, "Adversarial fine-tuning of the U-Net"): the pix2pix
+    bundle's paired GAN step (conditional PatchGAN, vanilla loss, content 100 : GAN 1, the
+    morphometry loss as its content term from the start) fine-tuning ``bundle``'s trained
+    generator ``checkpoint`` (ESRGAN's recipe) at a learning rate of 1e-4 for G and D."""
+    cfg = json.loads((ROOT / "bundles" / bundle / "configs" / "train.json").read_text())
+    if cfg.get("scale"):
+        raise ValueError(
+            f"--gan-stage: {bundle} up-samples after the network; pix2pix's conditional "
+            "discriminator needs a pre-upsampling generator"
+        )
+    return ["--model_name", cfg["model_name"], "--pretrained_g", str(checkpoint),
+            "--learning_rate", "0.0001", "--d_learning_rate", "0.0001",
+            "--morphometry_loss_pretrain", "0"]  # fmt: skip
 
 
 def _run_key(info: dict) -> str:
@@ -828,6 +853,13 @@ def main(argv: list[str] | None = None) -> int:
         "IsoData (bone3d fit-regressor --level)",
     )  # fmt: skip
     ap.add_argument(
+        "--gan-stage", action="store_true",
+        help="a trial (needs --out and a --work of its own): after every +morpho training of a "
+        "pre-upsampling bundle, fine-tune its generator 30 epochs by pix2pix's paired GAN step "
+        "(gan_stage_args); rows NAME+morpho+gan. With --epochs-3d 60 on the U-Net 3D, the "
+        "setting recommended on 2026-11-24",
+    )  # fmt: skip
+    ap.add_argument(
         "--resummarise", nargs="+", metavar="FILE",
         help="recompute the summaries and acceptance of existing result files from their rows "
         "with this code's rules (each file replaced atomically; nothing trained, inferred or "
@@ -853,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--fold", args.fold),
         ("--test-fold", args.test_fold),
         ("--patch-3d", args.patch_3d != 32),
+        ("--gan-stage", args.gan_stage),
     ):
         if used and args.out == ap.get_default("out"):
             ap.error(f"{flag} is a trial: give --out (and a --work of its own)")
@@ -862,7 +895,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--regressor-level needs --regressor WEIGHT")
     if args.patch_3d < 16 or args.patch_3d % 16:
         ap.error(f"--patch-3d: a multiple of 16, not {args.patch_3d}")
-    if args.bundle_args or args.regressor or args.fold or args.test_fold or args.patch_3d != 32:
+    if args.gan_stage and "morpho" not in args.loss:
+        ap.error("--gan-stage fine-tunes the +morpho models: give --loss morpho (or both)")
+    if args.gan_stage:
+        try:
+            [gan_stage_args(b, "") for b in args.models]
+        except ValueError as e:
+            ap.error(str(e))
+    if (args.bundle_args or args.regressor or args.fold or args.test_fold or args.patch_3d != 32
+            or args.gan_stage):  # fmt: skip
         args.no_export = True
     # one protocol, one set of names: MLflow metric prefix, csv, output, baseline-run suffix
     suffix = (
@@ -947,6 +988,15 @@ def main(argv: list[str] | None = None) -> int:
                                      args.patch_3d)  # fmt: skip
                         _log(f"{deg} {_run_key(info)}: trained in {info['train_s']:.0f} s")
                         infos.append(info)
+                        if args.gan_stage and loss == "morpho":
+                            stage = train("pix2pix", variant, True, datalist,
+                                          work / deg / "runs" / f"{name}-gan", db,
+                                          {variant: GAN_STAGE_EPOCHS}, seed,
+                                          extra[variant] + gan_stage_args(bundle, info["checkpoint"]),
+                                          args.patch_3d)  # fmt: skip
+                            stage["stage_of"] = bundle
+                            _log(f"{deg} {_run_key(stage)}: trained in {stage['train_s']:.0f} s")
+                            infos.append(stage)
         deg_rows = []
         for part, item in scored:
             lr, hr = read_volume(item["image"]), read_volume(item["target"])
@@ -997,7 +1047,8 @@ def main(argv: list[str] | None = None) -> int:
                         "self_ensemble": args.self_ensemble,
                         "bundle_args": args.bundle_args,
                         "regressor_weight": args.regressor,
-                        "regressor_level": args.regressor_level, "fold": args.fold,
+                        "regressor_level": args.regressor_level, "gan_stage": args.gan_stage,
+                        "fold": args.fold,
                         "test_fold": args.test_fold}  # fmt: skip
         if args.fold:
             print_table(deg, val_summary[deg], "validation")

@@ -814,3 +814,42 @@ def test_scanner_references_score_the_noise_free_scan_as_a_method(tmp_path, caps
     with pytest.raises(SystemExit) as err:
         mod.main([str(result), str(tmp_path)])
     assert err.value.code == 2 and "sr-ensemble" in capsys.readouterr().err
+
+
+def test_gan_stage_arguments_make_pix2pix_fine_tune_the_trained_generator(tmp_path):
+    """``--gan-stage``: the arguments put the trained U-Net (not pix2pix's own generator) under
+    pix2pix's conditional PatchGAN, loaded from its checkpoint when the stage starts, with the
+    morphometry loss as the content term from the start; its rows are ``NAME+morpho+gan``. A
+    post-upsampling generator is refused (the conditional D needs one grid)."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointLoader
+
+    from bone3d.engines import bundle_configs
+    from bone3d.nets import build
+    from bone3d.nets.unet import UNetSR
+
+    fid = _fidelity()
+    ckpt = tmp_path / "model.pt"
+    torch.save(build("unet", 3, "tiny").state_dict(), ckpt)
+    args = fid.gan_stage_args("unet_sr", str(ckpt))
+    datalist = tmp_path / "datalist.json"
+    meta = {"lr_range": [0, 1], "hr_range": [0, 1], "hr_spacing_mm": [0.05] * 3}
+    datalist.write_text(json.dumps({**meta, "training": [], "validation": [], "test": []}))
+    b = fid.ROOT / "bundles" / "pix2pix"
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(b, "train", "3d", "morphometry_loss"))
+    overrides = dict(zip(args[::2], args[1::2], strict=True))
+    parser.update({"bundle_root": str(b), "datalist": str(datalist), "net_preset": "tiny",
+                   "ckpt_dir": str(tmp_path / "stage"),
+                   **{k.removeprefix("--"): v for k, v in overrides.items()}})  # fmt: skip
+    assert isinstance(parser.get_parsed_content("network"), UNetSR)
+    loader = parser.get_parsed_content(f"train#handlers#{len(parser['train#handlers']) - 1}")
+    assert isinstance(loader, CheckpointLoader) and loader.load_path == str(ckpt)
+    assert float(parser.get_parsed_content("learning_rate")) == 1e-4
+    assert float(parser.get_parsed_content("morphometry_loss_pretrain")) == 0.0
+    assert parser.get_parsed_content("loss_weights") == {"content": 100.0, "gan": 1.0, "fm": 0.0}
+    info = {"bundle": "pix2pix", "variant": "3d", "morphometry_loss": True, "stage_of": "unet_sr"}
+    assert fid._run_key(info) == "unet_sr-3d+morpho+gan"
+    with pytest.raises(ValueError, match="pre-upsampling"):
+        fid.gan_stage_args("rcan", str(ckpt))
