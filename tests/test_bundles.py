@@ -305,6 +305,14 @@ def test_gan_stage_fine_tunes_a_pretrained_generator_of_another_bundle(datalist,
     np.testing.assert_array_equal(
         read_volume(outs["pix2pix"]).data.numpy(), read_volume(outs["unet_sr"]).data.numpy()
     )
+    # evaluate.json too builds the checkpoint's network and preset (no --model_name or
+    # --net_preset given): the stage's U-Net on the test split
+    ev = tmp_path / "eval"
+    _run(["-m", "monai.bundle", "run", *bundle_cli_args(gan_b, "train", "evaluate", "3d"),
+          "--bundle_root", str(gan_b), "--datalist", str(datalist), "--ckpt_dir", str(stage2),
+          "--output_dir", str(ev), "--patch_size", "[32,32,32]"], cwd=tmp_path)  # fmt: skip
+    rows = dict(line.split(",") for line in (ev / "metrics.csv").read_text().splitlines())
+    assert np.isfinite(float(rows["test_psnr"]))
     zipped = export_bundle(gan_b, tmp_path / "pix2pix.zip", checkpoint=stage2 / "model.pt")
     with zipfile.ZipFile(zipped) as zf:
         cfg = json.loads(zf.read("pix2pix/configs/inference.json"))

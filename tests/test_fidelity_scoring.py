@@ -853,3 +853,76 @@ def test_gan_stage_arguments_make_pix2pix_fine_tune_the_trained_generator(tmp_pa
     assert fid._run_key(info) == "unet_sr-3d+morpho+gan"
     with pytest.raises(ValueError, match="pre-upsampling"):
         fid.gan_stage_args("rcan", str(ckpt))
+
+
+def test_gan_stage_trial_trains_the_unet_3d_longer_and_stages_it(tmp_path, monkeypatch, capsys):
+    """``--model-epochs unet_sr-3d=60 --gan-stage unet_sr`` (fidelity_gan_stage_60ep.json): the
+    U-Net 3D trains 60 epochs, plain and +morpho alike, every other model 30; after each U-Net
+    +morpho training (3D and 2.5D) the pix2pix GAN stage fine-tunes that training's own
+    checkpoint 30 epochs; no other model gets a stage. The defaults train every model 30 epochs
+    without a stage; a post-upsampling model in ``--gan-stage``, or a malformed
+    ``--model-epochs``, is refused (argparse, exit 2), and both flags are trials."""
+    fid = _fidelity()
+    calls = []
+
+    def fake_train(bundle, variant, morpho, datalist, run_dir, db, epochs, seed=0, extra=None,
+                   patch_3d=32):  # fmt: skip
+        calls.append((bundle, variant, morpho, epochs[variant], list(extra or [])))
+        return {"bundle": bundle, "variant": variant, "morphometry_loss": morpho,
+                "train_s": 1.0, "checkpoint": str(run_dir / "model.pt"), "run_name": "r"}  # fmt: skip
+
+    class Trained(Exception):
+        pass
+
+    def stop(path):  # scoring starts after every training: stop there
+        raise Trained
+
+    datalist = tmp_path / "datalist.json"
+    item = {"image": "lr.nii.gz", "target": "hr.nii.gz", "specimen": "s"}
+    datalist.write_text(json.dumps({"training": [], "validation": [item], "test": [item]}))
+    monkeypatch.setattr(fid, "DATA", tmp_path)
+    monkeypatch.setattr(fid, "hr_volumes", lambda *a: [])
+    monkeypatch.setattr(fid, "donor_split", lambda *a: {"test": [], "validation": [],
+                                                        "training": []})  # fmt: skip
+    monkeypatch.setattr(fid, "build_dataset", lambda *a: datalist)
+    monkeypatch.setattr(fid, "train", fake_train)
+    monkeypatch.setattr("bone3d.io.read_volume", stop)
+    with pytest.raises(Trained):
+        fid.main(["--degradations", "hrpqct", "--work", str(tmp_path / "w"), "--model-epochs",
+                  "unet_sr-3d=60", "--gan-stage", "unet_sr", "--out", str(tmp_path / "f.json")])  # fmt: skip
+    epochs = {(b, v, m): n for b, v, m, n, x in calls if "--pretrained_g" not in x}
+    assert epochs[("unet_sr", "3d", False)] == epochs[("unet_sr", "3d", True)] == 60
+    assert {n for (b, v, m), n in epochs.items() if (b, v) != ("unet_sr", "3d")} == {30}
+    assert len(epochs) == 12
+    stages = [(v, n, x) for b, v, m, n, x in calls if "--pretrained_g" in x]
+    assert [(v, n) for v, n, x in stages] == [("3d", 30), ("2p5d", 30)]
+    for v, _, x in stages:  # its own variant's +morpho checkpoint, the U-Net's network
+        run = tmp_path / "w" / "hrpqct" / "runs" / f"unet_sr-{v}-morpho"
+        assert x[x.index("--pretrained_g") + 1] == str(run / "model.pt")
+        assert x[x.index("--model_name") + 1] == "unet"
+    # the stage follows its generator's training at once, under the pix2pix bundle
+    i = calls.index(next(c for c in calls if "--pretrained_g" in c[4]))
+    assert calls[i - 1][:3] == ("unet_sr", "3d", True) and calls[i][0] == "pix2pix"
+    calls.clear()
+    with pytest.raises(Trained):
+        fid.main(
+            [
+                "--degradations",
+                "hrpqct",
+                "--models",
+                "unet_sr",
+                "--variants",
+                "3d",
+                "--work",
+                str(tmp_path / "w2"),
+            ]
+        )  # fmt: skip  (the defaults)
+    assert [(b, n) for b, v, m, n, x in calls] == [("unet_sr", 30), ("unet_sr", 30)]
+    for bad in (["--gan-stage", "rcan"], ["--model-epochs", "unet_sr-3d=0"]):
+        with pytest.raises(SystemExit) as err:
+            fid.main([*bad, "--out", str(tmp_path / "f.json")])
+        assert err.value.code == 2
+    for trial in (["--gan-stage", "unet_sr"], ["--model-epochs", "unet_sr-3d=60"]):
+        with pytest.raises(SystemExit) as err:  # without --out: refused
+            fid.main(trial)
+        assert err.value.code == 2 and "is a trial" in capsys.readouterr().err
