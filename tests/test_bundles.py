@@ -107,6 +107,51 @@ def test_verify_net_in_out_and_ckpt_export(bundle, tmp_path):
         torch.testing.assert_close(scripted(x), net(x))
 
 
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_pretrained_g_warm_starts_every_bundle_but_not_a_resume(bundle, tmp_path):
+    """``--pretrained_g MODEL.pt`` (``common/train_base.json``): when training starts, the
+    weights of another run are loaded into the network it trains (a GAN's generator: the ESRGAN
+    two-stage recipe; any model: fine-tuning from phantoms to real data); MLflow records the
+    file. A run that resumes from its own checkpoint keeps that checkpoint instead."""
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointLoader
+
+    from bone3d.engines import bundle_configs
+
+    meta = {"lr_range": [0, 1], "hr_range": [0, 1], "hr_spacing_mm": [0.05] * 3}
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({**meta, "training": [], "validation": [], "test": []}))
+
+    def parser(**over):
+        p = ConfigParser()
+        p.read_config(bundle_configs(bundle, "train", "3d"))
+        p.update({"bundle_root": str(bundle), "datalist": str(datalist), "net_preset": "tiny",
+                  "ckpt_dir": str(tmp_path / "run"), **over})  # fmt: skip
+        return p
+
+    donor = parser().get_parsed_content("network")
+    with torch.no_grad():  # weights no initialisation draws: every parameter shifted
+        for w in donor.parameters():
+            w.add_(0.5)
+    torch.save(donor.state_dict(), tmp_path / "model.pt")
+    p = parser(pretrained_g=str(tmp_path / "model.pt"))
+    assert p.get_parsed_content("mlflow_params")["pretrained_g"] == str(tmp_path / "model.pt")
+    loader = p.get_parsed_content(f"train#handlers#{len(p['train#handlers']) - 1}")
+    assert isinstance(loader, CheckpointLoader)
+    network = p.get_parsed_content("network")
+    assert not torch.equal(next(network.parameters()), next(donor.parameters()))
+    engine = Engine(lambda e, b: None)
+    engine.state.max_epochs = 1
+    loader(engine)
+    for key, value in donor.state_dict().items():
+        assert torch.equal(network.state_dict()[key], value), key
+    # resuming: the run's own checkpoint wins, the warm start is off; without it, off as well
+    resumed = parser(pretrained_g=str(tmp_path / "model.pt"), resume_from=str(tmp_path / "x.pt"))
+    assert resumed.get_parsed_content(f"train#handlers#{len(p['train#handlers']) - 1}") is None
+    assert parser().get_parsed_content(f"train#handlers#{len(p['train#handlers']) - 1}") is None
+
+
 @pytest.fixture
 def datalist(phantom_pairs):
     return phantom_pairs

@@ -99,36 +99,3 @@ def test_gan_bundles_build_the_perceptual_loss_from_a_regressor_file(bundle, tmp
         parser["net_preset"] = "tiny"
         parser["perceptual_net"] = net
         assert isinstance(parser.get_parsed_content("gan_step").perceptual, kind)
-
-
-def test_esrgan_second_stage_starts_from_the_psnr_generator(tmp_path):
-    """ESRGAN's two stages: ``--pretrained_g`` (the first, L1-only run's ``model.pt``) loads into
-    the generator when the GAN stage starts; a resumed run keeps its own checkpoint instead."""
-    from ignite.engine import Engine
-    from monai.bundle import ConfigParser
-    from monai.handlers import CheckpointLoader
-
-    from bone3d.engines import bundle_configs
-
-    torch.manual_seed(1)
-    stage1 = build("rrdb", 3, "tiny", scale=2)
-    torch.save(stage1.state_dict(), tmp_path / "model.pt")
-    meta = {"lr_range": [0, 1], "hr_range": [0, 1], "hr_spacing_mm": [0.05] * 3}
-    datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({**meta, "training": [], "validation": [], "test": []}))
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(ROOT / "bundles" / "esrgan", "train", "3d"))
-    parser.update({"bundle_root": str(ROOT / "bundles" / "esrgan"), "datalist": str(datalist),
-                   "net_preset": "tiny", "pretrained_g": str(tmp_path / "model.pt"),
-                   "ckpt_dir": str(tmp_path / "stage2")})  # fmt: skip
-    last = len(parser["train#handlers"]) - 1
-    loader = parser.get_parsed_content(f"train#handlers#{last}")
-    assert isinstance(loader, CheckpointLoader)
-    network = parser.get_parsed_content("network")
-    assert not all(torch.equal(a, b) for a, b in zip(network.state_dict().values(),
-                                                     stage1.state_dict().values(), strict=True))  # fmt: skip
-    engine = Engine(lambda e, b: None)
-    engine.state.max_epochs = 1
-    loader(engine)
-    for key, value in stage1.state_dict().items():
-        assert torch.equal(network.state_dict()[key], value), key
