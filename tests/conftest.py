@@ -43,3 +43,15 @@ def phantom_pairs(tmp_path_factory) -> Path:
         phantom_shape=(40, 40, 40),
         progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def vb():
+    """``ci/verify_bundle.py`` as a module (``ci/`` holds scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "ci" / "verify_bundle.py"
+    spec = importlib.util.spec_from_file_location("verify_bundle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

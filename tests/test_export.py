@@ -79,7 +79,7 @@ def _checkpoint(tmp: Path, model: str, variant: str) -> Path:
     ],
 )
 def test_exported_bundle_runs_without_bone3d(
-    bundle, model, variant, ensemble, plain_python, tmp_path
+    bundle, model, variant, ensemble, plain_python, vb, tmp_path
 ):
     """``ensemble``: exported with the mirror self-ensemble on, compared with ``bone3d infer
     --self-ensemble``."""
@@ -91,6 +91,9 @@ def test_exported_bundle_runs_without_bone3d(
     zipped = export_bundle(
         ROOT / "bundles" / bundle, tmp_path / "out.zip", variant, ckpt, self_ensemble=ensemble
     )
+    # model-zoo conformance of the zip itself (ci/verify_bundle.py; its TorchScript copy too)
+    done = vb.verify(zipped, vb.SCHEMA)
+    assert done[-2:] == ["TorchScript = eager", "models/model.ts = eager"], done
     names = zipfile.ZipFile(zipped).namelist()
     assert f"{bundle}/configs/inference.json" in names and f"{bundle}/models/model.pt" in names
     assert f"{bundle}/models/model.ts" in names  # MONAI's ckpt_export of the exported network
