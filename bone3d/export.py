@@ -291,24 +291,57 @@ def _inferer(roi, sw_batch, overlap, slab) -> dict:
     }
 
 
-def _morphometry_defaults(bundle: Path) -> dict | None:
-    """bone3d's morphometry-loss settings (``bundles/common/morphometry_loss_base.json``): the
-    weights, the loss's constructor arguments and the warm-up iterations; None without it."""
+def training_params(ckpt: Path) -> dict | None:
+    """The settings a checkpoint was trained with: ``train_params.json`` beside it, the run's
+    MLflow parameters (``mlflow_params``), which bundle trainings write when they start. None
+    for a checkpoint trained before bundles wrote it (the export then falls back on the
+    bundle's defaults)."""
+    f = Path(ckpt).parent / "train_params.json"
+    if not f.is_file():
+        return None
+    try:
+        params = json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f, f"not JSON ({err})") from None
+    if not isinstance(params, dict):
+        raise InputError(f, "not a JSON object")
+    return params
+
+
+def morphometry_settings(bundle: Path, params: dict | None = None) -> dict | None:
+    """The morphometry-loss settings of the exported fine-tuning: the weights, the loss's
+    constructor arguments, the warm-up iterations and ``on`` (the default of its
+    ``--morphometry`` switch); None where bone3d's ``bundles/common/morphometry_loss_base.json``
+    is missing.
+
+    The training's own (``params``, `training_params`) where it recorded them: a model trained
+    with the loss fine-tunes with its weights, radii and threshold (a frozen-regressor term
+    dropped: the regressor is not exported), one trained without it fine-tunes by the pixel
+    loss, the loss one switch away. Without ``params``, the shared defaults, switched on."""
     f = bundle.parent / "common" / "morphometry_loss_base.json"
     if not f.is_file():
         return None
     cfg = json.loads(f.read_text())
     radii = cfg["morphometry_loss_radii"]
+    weights, threshold = cfg["morphometry_loss"], cfg["loss"]["threshold"]
+    warmup, on = cfg["morphometry_loss_warmup"], True
+    if params is not None:
+        on = "morphometry_loss" in params
+        if on:
+            weights, radii = params["morphometry_loss"], params["morphometry_loss_radii"]
+            threshold = params.get("morphometry_loss_threshold", threshold)
+            warmup = params.get("morphometry_loss_warmup", warmup)
     return {
-        "weights": {k: v for k, v in cfg["morphometry_loss"].items() if k != "regressor"},
+        "weights": {k: float(v) for k, v in weights.items() if k != "regressor"},
         "args": {
             "pixel": cfg["loss"]["pixel"],
-            "threshold": cfg["loss"]["threshold"],
+            "threshold": threshold,
             "temperature": cfg["loss"]["temperature"],
             "thickness_radius": int(radii[0]),
             "spacing_radius": int(radii[1]),
         },
-        "warmup": int(cfg["morphometry_loss_warmup"]),
+        "warmup": int(warmup),
+        "on": on,
     }
 
 
@@ -320,8 +353,10 @@ def gan_stage(bundle: Path, variant: str, ckpt: Path, meta: dict) -> dict | None
     pix2pix, pix2pixHD, ESRGAN, R2-RCANGAN), for the exported ``train.json``; None for every
     other bundle (the unpaired GANs' steps need both domains' generators and are not exported).
 
+    The discriminator, loss kind, conditioning and weights are the training's, as its
+    ``train_params.json`` records them (`training_params`), else the bundle's.
     Returns the discriminator's class and constructor arguments (`bone3d.nets.build_spec` with
-    the bundle's ``d_name``, the variant's dimensions and the checkpoint's preset; its input is
+    that ``d_name``, the variant's dimensions and the checkpoint's preset; its input is
     the generator's input channels, when conditional, plus its output channels), the step's
     loss kind, conditioning and weights (a perceptual weight set to 0: the in-project regressor
     is not exported), D's optimiser betas, and D's trained weights: the ``discriminator`` entry
@@ -339,12 +374,18 @@ def gan_stage(bundle: Path, variant: str, ckpt: Path, meta: dict) -> dict | None
     step = parser.get("gan_step")
     if not isinstance(step, dict) or step.get("_target_") != _PAIRED_GAN:
         return None
+    # the training's own settings where it recorded them (`training_params`), else the bundle's
+    params = training_params(ckpt) or {}
+    trained = {"d_name": params.get("discriminator", parser["d_name"]),
+               "gan_loss": params.get("gan_loss", parser["gan_loss"]),
+               "conditional": params.get("conditional", parser["conditional"]),
+               "loss_weights": params.get("loss_weights", parser["loss_weights"])}  # fmt: skip
     slab, scale = meta.get("slab"), meta.get("scale")
     g_in = 1 if slab is None else 2 * int(slab) + 1
     g_out = scale if (scale and slab is not None) else 1
-    conditional = bool(parser["conditional"])
+    conditional = bool(trained["conditional"])
     cls, args = build_spec(
-        parser["d_name"],
+        trained["d_name"],
         int(meta.get("spatial_dims", 3)),
         meta.get("net_preset", "cpu3d"),
         in_channels=(g_in if conditional else 0) + g_out,
@@ -354,13 +395,13 @@ def gan_stage(bundle: Path, variant: str, ckpt: Path, meta: dict) -> dict | None
     if last is not None:
         saved = torch.load(last, map_location="cpu", weights_only=True)
         state = saved.get("discriminator") if isinstance(saved, dict) else None
-    weights = {k: float(v) for k, v in parser["loss_weights"].items()}
+    weights = {k: float(v) for k, v in trained["loss_weights"].items()}
     weights["perceptual"] = 0.0
     return {
-        "d_name": str(parser["d_name"]),
+        "d_name": str(trained["d_name"]),
         "cls": cls,
         "args": args,
-        "gan_loss": str(parser["gan_loss"]),
+        "gan_loss": str(trained["gan_loss"]),
         "conditional": conditional,
         "weights": weights,
         "betas": [float(b) for b in parser["d_optimizer"]["betas"]],
@@ -380,14 +421,16 @@ def train_config(
     network's HR spacing; ``training`` and optionally ``validation`` lists). The windows, HR
     spacing, patch size and inferer are the training's; a step takes ``batch_size`` (1)
     volumes, ``samples_per_volume`` (``patches_per_step``, the training's batch size) patches
-    from each. The loss is ``morphometry``'s `bone3d.losses.MorphometryLoss` (its module copied into ``scripts/``; ``--morphometry false``
-    or no ``morphometry``: the L1 pixel loss), ramped in over its warm-up iterations without the
-    pixel-only pre-training (the weights are trained).
+    from each. The loss is ``morphometry``'s `bone3d.losses.MorphometryLoss`
+    (`morphometry_settings`; its module copied into ``scripts/``), switched on by default where
+    ``morphometry["on"]``, ramped in over its warm-up iterations without the pixel-only
+    pre-training (the weights are trained); ``--morphometry false`` or no ``morphometry``: the
+    L1 pixel loss.
 
     ``gan`` (`gan_stage`, with ``target``, the discriminator's ``scripts.<module>.<Class>``):
     a paired GAN fine-tunes adversarially, as it trained. The trainer's step is bone3d's
-    `PairedGANStep` (``scripts/gan.py``) with the bundle's loss kind, conditioning and weights
-    (``gan_weights``; ``content`` multiplies the loss above); D starts from
+    `PairedGANStep` (``scripts/gan.py``) with the training's loss kind, conditioning and
+    weights (``gan_weights``; ``content`` multiplies the loss above); D starts from
     ``models/discriminator.pt`` where the export holds one, is checkpointed and resumed with
     G, and learns at ``d_learning_rate`` (G's rate unless set). ``--gan false`` fine-tunes G by
     the loss alone, as for every other bundle.
@@ -431,7 +474,7 @@ def train_config(
     if morphometry:
         loss = "$@morphometry_loss_fn if str(@morphometry).lower() == 'true' else @pixel_loss"
         loss_parts = {
-            "morphometry": True,
+            "morphometry": bool(morphometry.get("on", True)),
             "morphometry_loss": morphometry["weights"],
             "morphometry_loss_warmup": int(morphometry["warmup"]),
             "pixel_loss": pixel,
@@ -865,7 +908,8 @@ def export_bundle(
             *common, bool(parser["self_ensemble"]) if self_ensemble is None else self_ensemble
         )
         (root / "configs" / "inference.json").write_text(json.dumps(cfg, indent=4) + "\n")
-        morphometry = _morphometry_defaults(bundle)
+        params = training_params(ckpt)
+        morphometry = morphometry_settings(bundle, params)
         train = train_config(*common, morphometry, int(parser.get("batch_size", 2)), gan)
         (root / "configs" / "train.json").write_text(json.dumps(train, indent=4) + "\n")
         (root / "configs" / "multi_gpu_train.json").write_text(
@@ -957,8 +1001,20 @@ def export_bundle(
                 "bone3d's morphometry-aware loss (`scripts/morphometry_loss.py`: pixel L1 plus "
                 "soft BV/TV, thickness, spacing, Euler and fabric terms; needs scikit-image; "
                 "`--morphometry false` for the L1 loss alone)"
-                if morphometry
+                + (
+                    ", with the weights, radii and threshold the model trained with"
+                    if params and morphometry["on"]
+                    else ""
+                )
+                if morphometry and morphometry["on"]
                 else "the L1 pixel loss"
+                + (
+                    ", as the model trained (`--morphometry true` switches on bone3d's "
+                    "morphometry-aware loss, `scripts/morphometry_loss.py`, at its default "
+                    "settings; needs scikit-image)"
+                    if morphometry
+                    else ""
+                )
             )
             + ". Checkpoints go to `finetune/` every epoch and an interrupted run resumes "
             "from the newest, ending with the weights an uninterrupted run would (every "

@@ -258,6 +258,11 @@ def test_morphometry_loss_overlay_trains(bundle, variant, level, datalist, tmp_p
     assert threshold == ("otsu" if level == "otsu" else str(hr_bone_level(datalist)))
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert losses and all(np.isfinite(losses))
+    # the same settings beside the weights (train_params.json), which `bone3d export` reads
+    params = json.loads((models / "train_params.json").read_text())
+    assert params["morphometry_loss"] == weights
+    assert str(params["morphometry_loss_threshold"]) == threshold
+    assert set(params) <= set(run.data.params)  # MLflow adds the engine's epoch_length
 
 
 @pytest.mark.slow

@@ -225,6 +225,59 @@ def test_export_refuses_an_untrained_bundle(tmp_path):
     assert not (tmp_path / "o.zip").exists()
 
 
+def test_exported_fine_tuning_keeps_the_training_settings(tmp_path):
+    """``train_params.json`` (the run's MLflow parameters, written beside the weights when a
+    bundle training starts) sets the exported ``train.json``'s loss: a model trained with the
+    morphometry loss fine-tunes with its recorded weights, radii and threshold (a regressor term
+    dropped), one trained without it by the pixel loss, the loss left one switch away; without
+    the file, the shared defaults."""
+    from bone3d.export import gan_stage, morphometry_settings, training_params
+
+    overlay = json.loads((ROOT / "bundles/common/morphometry_loss_base.json").read_text())
+    ckpt = _checkpoint(tmp_path / "a", "unet", "3d")
+    assert training_params(ckpt) is None
+    recorded = {"model": "unet", "learning_rate": 1e-3,
+                "morphometry_loss": {**overlay["morphometry_loss"], "euler": 0.03,
+                                     "regressor": 0.1},
+                "morphometry_loss_radii": [2, 12], "morphometry_loss_threshold": 0.42,
+                "morphometry_loss_warmup": 7}  # fmt: skip
+    (ckpt.parent / "train_params.json").write_text(json.dumps(recorded))
+
+    def exported_train(name: str) -> dict:
+        zipped = export_bundle(ROOT / "bundles" / "unet_sr", tmp_path / name, "3d", ckpt)
+        return json.loads(zipfile.ZipFile(zipped).read("unet_sr/configs/train.json"))
+
+    cfg = exported_train("morpho.zip")
+    assert cfg["morphometry"] is True and cfg["morphometry_loss_warmup"] == 7
+    want = {k: v for k, v in recorded["morphometry_loss"].items() if k != "regressor"}
+    assert cfg["morphometry_loss"] == want
+    fn = cfg["morphometry_loss_fn"]
+    assert (fn["threshold"], fn["thickness_radius"], fn["spacing_radius"]) == (0.42, 2, 12)
+
+    (ckpt.parent / "train_params.json").write_text(json.dumps({"model": "unet"}))
+    cfg = exported_train("plain.zip")
+    assert cfg["morphometry"] is False  # trained by the pixel loss: fine-tunes so by default
+    assert cfg["morphometry_loss"] == overlay["morphometry_loss"]
+    assert morphometry_settings(ROOT / "bundles" / "unet_sr")["on"] is True  # no record
+
+    # a paired GAN: its recorded discriminator, loss kind and weights, not the bundle's
+    meta = json.loads((ckpt.parent / "data_meta.json").read_text())
+    default = gan_stage(ROOT / "bundles" / "pix2pix", "3d", ckpt, meta)
+    assert (default["d_name"], default["gan_loss"]) == ("patchgan_d", "vanilla")
+    gan = {"discriminator": "nlayer_d", "gan_loss": "lsgan", "conditional": False,
+           "loss_weights": {"content": 10.0, "gan": 1.0}}  # fmt: skip
+    (ckpt.parent / "train_params.json").write_text(json.dumps(gan))
+    trained = gan_stage(ROOT / "bundles" / "pix2pix", "3d", ckpt, meta)
+    assert (trained["d_name"], trained["gan_loss"], trained["conditional"]) == (
+        "nlayer_d", "lsgan", False)  # fmt: skip
+    assert trained["weights"] == {"content": 10.0, "gan": 1.0, "perceptual": 0.0}
+    assert trained["args"]["in_channels"] == 1  # unconditional: D sees the output alone
+
+    (ckpt.parent / "train_params.json").write_text("{not json")
+    with pytest.raises(InputError, match="not JSON"):
+        training_params(ckpt)
+
+
 def test_load_weights_takes_what_the_network_holds(tmp_path):
     """A training checkpoint fills the inference-only form; a file of another preset or variant
     is refused by name."""
