@@ -69,7 +69,10 @@ def check_layout(root: Path, exported: bool) -> str:
 
 def check_version(root: Path, since: str | None = None, repo: Path = ROOT) -> str:
     """``version`` in ``changelog``; with ``since``, a changed bundle has a new version."""
-    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    try:
+        meta = json.loads((root / "configs" / "metadata.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"version: configs/metadata.json is not JSON ({err})") from None
     for key in ("version", "changelog"):
         if key not in meta:
             raise BundleError(f"version: metadata.json has no {key!r}")
@@ -87,6 +90,8 @@ def check_version(root: Path, since: str | None = None, repo: Path = ROOT) -> st
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
 
+    if git("rev-parse", "--verify", "--quiet", f"{since}^{{commit}}").returncode != 0:
+        raise BundleError(f"version: {since!r} is not a git revision of {repo}")
     old = git("show", f"{since}:{(rel / 'configs' / 'metadata.json').as_posix()}")
     if old.returncode != 0:  # a bundle new since REF
         return f"version {version} (new since {since})"

@@ -106,6 +106,11 @@ def test_since_asks_a_changed_bundle_for_a_new_version(copy, vb):
         vb.check_version(copy, "HEAD", repo=repo)
     _edit_meta(copy, lambda m: (m.update(version="5.0.0"), m["changelog"].update({"5.0.0": "x"})))
     assert vb.check_version(copy, "HEAD", repo=repo) == "version 5.0.0 (changed since HEAD)"
+    with pytest.raises(vb.BundleError, match="'nosuchref' is not a git revision"):
+        vb.check_version(copy, "nosuchref", repo=repo)
+    (copy / "configs" / "metadata.json").write_text("{broken")
+    with pytest.raises(vb.BundleError, match="metadata.json is not JSON"):
+        vb.check_version(copy, "HEAD", repo=repo)
 
 
 def test_cli_reports_every_bundle_and_exits_1_on_a_failure(copy, vb, tmp_path, capsys):
