@@ -10,8 +10,8 @@ Data (HR at 50 um, 96^3 voxels = 4.8 mm cubes, mg HA/cm^3):
   to mg HA/cm^3 by its two IsoData class means (marrow 0, tissue 1000) and area-averaged to 50 um;
 * generated phantoms (`bone3d.data.phantom`), for more training variety: two trabecular ones
   filling their box, and two with a cortical shell and wide empty space outside it
-  (``--cortical-phantoms``; see `hr_volumes`). ``--sparse-phantoms K`` (a trial, 0 by default)
-  adds K low-density ones, most of their bone perforated away.
+  (``--cortical-phantoms``; see `hr_volumes`), and two low-density ones, most of their bone
+  perforated away (``--sparse-phantoms``, 2 by default since 2026-11-24).
 
 Split by **donor**: test and validation volumes are whole BoneBox specimens (every ROI of a donor
 in one split), chosen with the seed; everything else trains. Each HR volume is degraded with each
@@ -20,7 +20,9 @@ preset (``hrpqct``, ``mdct``; `bone3d.data.simulate`).
 Methods, per degradation: the LR input resampled to the HR grid (trilinear, and cubic B-spline;
 TorchIO/SimpleITK), and for every bundle x variant the model trained through ``python -m
 monai.bundle run`` with its own loss and with ``common/morphometry_loss_base.json``
-(`bone3d.losses.MorphometryLoss`), 30 epochs, then rebuilt whole with ``bone3d infer
+(`bone3d.losses.MorphometryLoss`), 30 epochs (the U-Net 3D 60), and each U-Net + loss model
+fine-tuned 30 epochs more by pix2pix's paired GAN step (rows ``unet_sr-3d+morpho+gan``,
+``unet_sr-2p5d+morpho+gan``; `gan_stage_args`), then rebuilt whole with ``bone3d infer
 --self-ensemble``
 (every model's output averaged over the mirrored inputs, the EDSR+ protocol:
 `bone3d.inference.ensemble`; ``--no-self-ensemble`` scores single passes into
@@ -482,12 +484,14 @@ def _label(info: dict) -> str:
 
 
 GAN_STAGE_EPOCHS = 30
-# The headline's defaults: no GAN stage, every model 30 epochs. The setting recommended by the
-# five-outer-fold trial (--model-epochs unet_sr-3d=60 --gan-stage unet_sr) was run as the
-# whole table on 2026-11-24 (fidelity_gan_stage_60ep.json) and not adopted: on the headline's
-# validation donors it chose no better model (benchmarks/results/README.md).
-GAN_STAGE_MODELS: tuple[str, ...] = ()
-MODEL_EPOCHS: tuple[str, ...] = ()
+# The headline's defaults since 2026-11-24: the U-Net 3D trains 60 epochs (every other model 30)
+# and each U-Net + loss model gets the GAN stage, with two low-density training phantoms
+# (--sparse-phantoms 2). Without those phantoms the same setting fragmented a near-empty
+# validation sub-VOI and was not adopted (fidelity_gan_stage_60ep.json); with them it was, by
+# the rule written before the run (benchmarks/results/README.md, "Low-density training
+# phantoms").
+GAN_STAGE_MODELS: tuple[str, ...] = ("unet_sr",)
+MODEL_EPOCHS: tuple[str, ...] = ("unet_sr-3d=60",)
 
 
 def _model_epochs(text: str) -> tuple[str, str, int]:
@@ -797,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         help="phantoms with a cortical shell and empty space outside it (training)",
     )  # fmt: skip
     ap.add_argument(
-        "--sparse-phantoms", type=_count, default=0,
+        "--sparse-phantoms", type=_count, default=2,
         help="low-density trabecular phantoms: perforated, BV/TV about 0.03-0.08 (training)",
     )  # fmt: skip
     ap.add_argument("--test", type=int, default=4, help="test donors (single-ROI BoneBox)")

@@ -859,9 +859,9 @@ def test_gan_stage_trial_trains_the_unet_3d_longer_and_stages_it(tmp_path, monke
     """``--model-epochs unet_sr-3d=60 --gan-stage unet_sr`` (fidelity_gan_stage_60ep.json): the
     U-Net 3D trains 60 epochs, plain and +morpho alike, every other model 30; after each U-Net
     +morpho training (3D and 2.5D) the pix2pix GAN stage fine-tunes that training's own
-    checkpoint 30 epochs; no other model gets a stage. The defaults train every model 30 epochs
-    without a stage; a post-upsampling model in ``--gan-stage``, or a malformed
-    ``--model-epochs``, is refused (argparse, exit 2), and both flags are trials."""
+    checkpoint 30 epochs; no other model gets a stage. Since 2026-11-24 that is the default; a
+    post-upsampling model in ``--gan-stage``, or a malformed ``--model-epochs``, is refused
+    (argparse, exit 2), and other values of either flag are trials."""
     fid = _fidelity()
     calls = []
 
@@ -917,12 +917,17 @@ def test_gan_stage_trial_trains_the_unet_3d_longer_and_stages_it(tmp_path, monke
                 str(tmp_path / "w2"),
             ]
         )  # fmt: skip  (the defaults)
-    assert [(b, n) for b, v, m, n, x in calls] == [("unet_sr", 30), ("unet_sr", 30)]
+    # the defaults are that setting: the U-Net 3D 60 epochs, then the stage on its + loss model
+    assert [(b, n) for b, v, m, n, x in calls] == [
+        ("unet_sr", 60),
+        ("unet_sr", 60),
+        ("pix2pix", 30),
+    ]
     for bad in (["--gan-stage", "rcan"], ["--model-epochs", "unet_sr-3d=0"]):
         with pytest.raises(SystemExit) as err:
             fid.main([*bad, "--out", str(tmp_path / "f.json")])
         assert err.value.code == 2
-    for trial in (["--gan-stage", "unet_sr"], ["--model-epochs", "unet_sr-3d=60"]):
+    for trial in (["--gan-stage"], ["--model-epochs", "unet_sr-3d=90"]):
         with pytest.raises(SystemExit) as err:  # without --out: refused
             fid.main(trial)
         assert err.value.code == 2 and "is a trial" in capsys.readouterr().err
