@@ -84,7 +84,9 @@ MODEL...`` fine-tunes each named pre-upsampling bundle's +morpho generator 30 ep
 pix2pix's paired GAN step (`gan_stage_args`; rows ``NAME+morpho+gan``), and ``--model-epochs
 BUNDLE-VARIANT=N`` trains one model longer; ``--model-epochs unet_sr-3d=60 --gan-stage
 unet_sr`` is the setting recommended by the outer-fold trial of 2026-11-24, run as the whole
-table into ``fidelity_gan_stage_60ep.json`` and not adopted.
+table into ``fidelity_gan_stage_60ep.json`` and not adopted; with ``--sparse-phantoms 2`` it
+was adopted the same day and is the default (other values of the two flags are trials;
+``--gan-stage`` with no model: no stage).
 
 Cross-validation: ``--fold K`` (K > 0) keeps the test donors, takes the validation donors from
 the next places of the same seeded order (the earlier ones train; `donor_split`) and scores the
