@@ -5,7 +5,8 @@ makes before a bundle is accepted, on bone3d's layout.
     .venv/bin/python ci/verify_bundle.py bundles/rcan out.zip # a bundle folder, an export
     .venv/bin/python ci/verify_bundle.py --since origin/main  # and: changed => version bumped
 
-For each bundle (a folder ``bundles/NAME`` or a zip written by ``bone3d export``):
+For each bundle (a folder ``bundles/NAME``, a zip written by ``bone3d export``, or such a zip
+unzipped, as ``benchmarks/results/best_bundle``):
 
 1. layout: the MONAI bundle files (``configs/metadata.json``, ``inference.json``, ...; for a
    folder also bone3d's ``2d/2p5d/3d.json``, ``evaluate.json``, ``multi_gpu_train.json``,
@@ -236,7 +237,9 @@ def verify(path: Path, schema: Path | None, since: str | None = None) -> list[st
                 raise BundleError("an exported bundle zip holds one top folder")
             root = tops[0]
         elif (path / "configs").is_dir():
-            root = path
+            # a repository bundle sits beside bundles/common; an export unzipped (such as
+            # benchmarks/results/best_bundle) has the shared configs merged in and no such sibling
+            root, exported = path, not (path.parent / "common").is_dir()
         else:
             raise BundleError("not a bundle (no configs/ folder) nor an exported .zip")
         done = [check_layout(root, exported)]
@@ -258,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = args.bundles or sorted(
         p for p in (ROOT / "bundles").iterdir() if (p / "configs").is_dir()
     )
+    missing = [str(t) for t in targets if not t.exists()]
+    if missing:
+        ap.error(f"no such bundle folder or zip: {', '.join(missing)}")
     schema = args.schema or (SCHEMA if SCHEMA.is_file() else None)
     if schema is not None and not schema.is_file():
         ap.error(f"--schema {schema}: no such file")

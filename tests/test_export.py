@@ -225,7 +225,7 @@ def test_export_refuses_an_untrained_bundle(tmp_path):
     assert not (tmp_path / "o.zip").exists()
 
 
-def test_exported_fine_tuning_keeps_the_training_settings(tmp_path):
+def test_exported_fine_tuning_keeps_the_training_settings(tmp_path, vb):
     """``train_params.json`` (the run's MLflow parameters, written beside the weights when a
     bundle training starts) sets the exported ``train.json``'s loss: a model trained with the
     morphometry loss fine-tunes with its recorded weights, radii and threshold (a regressor term
@@ -248,6 +248,10 @@ def test_exported_fine_tuning_keeps_the_training_settings(tmp_path):
         return json.loads(zipfile.ZipFile(zipped).read("unet_sr/configs/train.json"))
 
     cfg = exported_train("morpho.zip")
+    # the export unzipped (as benchmarks/results/best_bundle) passes the model-zoo checks too
+    zipfile.ZipFile(tmp_path / "morpho.zip").extractall(tmp_path / "x")
+    done = vb.verify(tmp_path / "x" / "unet_sr", vb.SCHEMA)
+    assert done[0] == "layout" and done[-1] == "models/model.ts = eager", done
     assert cfg["morphometry"] is True and cfg["morphometry_loss_warmup"] == 7
     want = {k: v for k, v in recorded["morphometry_loss"].items() if k != "regressor"}
     assert cfg["morphometry_loss"] == want

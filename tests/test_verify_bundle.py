@@ -122,3 +122,6 @@ def test_cli_reports_every_bundle_and_exits_1_on_a_failure(copy, vb, tmp_path, c
     assert f"FAIL {bad}: not a readable zip" in out
     assert f"FAIL {tmp_path}: not a bundle" in out
     assert "1 of 3 bundles conform" in out
+    with pytest.raises(SystemExit) as err:  # a path that does not exist: a usage error
+        vb.main([str(copy), str(tmp_path / "missing.zip")])
+    assert err.value.code == 2
