@@ -2,7 +2,9 @@
 of trilinear LR's, per acceptance parameter, under three measures, and the sub-VOI that weighs
 most in the issue's measure.
 
-Reads the per-sub-VOI rows of a ``benchmarks/fidelity.py`` result file (no volumes, no training):
+Reads the per-sub-VOI rows of ``benchmarks/fidelity.py`` result files (no volumes, no training;
+several files, such as the five outer cross-validation folds, are pooled, each file's rows matched
+to its own HR rows, as `verdict_uncertainty` pools them):
 
 * ``mare``: the mean absolute relative error, mean over VOIs of ``|x - y| / |y|`` (x the method's
   value, y HR's), the issue's measure and the benchmark's (`fidelity.summarise`; a VOI where
@@ -25,6 +27,7 @@ check on the measure, like the threshold and Purify rescorings: the headline kee
 
     .venv/bin/python benchmarks/error_measures.py
     .venv/bin/python benchmarks/error_measures.py benchmarks/results/fidelity_seeds.json --split validation
+    .venv/bin/python benchmarks/error_measures.py benchmarks/results/cv/sparse2_gan_outer_fold*.json
 """
 
 from __future__ import annotations
@@ -135,17 +138,35 @@ def choices(rows: list[dict], degradation: str) -> dict[str, dict]:
     return out
 
 
+def pooled_rows(paths: list[str]) -> list[dict]:
+    """The per-sub-VOI rows of one or more result files. With several files each row's
+    specimen is prefixed by its file's position (``"0:bonebox_..."``), so that a method's row
+    meets its own file's HR row and a donor in two files counts twice, as two clusters do in
+    `verdict_uncertainty`; every file must hold rows."""
+    out = []
+    for i, path in enumerate(paths):
+        rows = json.loads(Path(path).read_text())["rows"]
+        if not rows:
+            raise ValueError(f"{path} holds no rows")
+        if len(paths) > 1:
+            rows = [{**r, "specimen": f"{i}:{r['specimen']}"} for r in rows]
+        out.extend(rows)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("result", nargs="?", default=str(HERE / "results" / "fidelity.json"))
+    ap.add_argument("results", nargs="*", default=[str(HERE / "results" / "fidelity.json")])
     ap.add_argument("--split", default="test", choices=["test", "validation"])
     ap.add_argument("--methods", nargs="+", help="default: every method in the file")
     args = ap.parse_args(argv)
     try:
-        rows = json.loads(Path(args.result).read_text())["rows"]
+        rows = pooled_rows(args.results)
     except (OSError, ValueError, KeyError) as e:
-        print(f"cannot read the rows of {args.result}: {e}", file=sys.stderr)
+        print(f"cannot read the rows of {' '.join(args.results)}: {e}", file=sys.stderr)
         return 2
+    if len(args.results) > 1:
+        print(f"{len(args.results)} result files pooled")
     short = {"bv_tv": "BV/TV", "tb_th_mm": "Tb.Th", "tb_sp_mm": "Tb.Sp", "conn_d_per_mm3": "Conn.D", "da": "DA"}  # fmt: skip
     for deg in dict.fromkeys(r["degradation"] for r in rows):
         try:

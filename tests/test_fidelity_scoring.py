@@ -452,7 +452,7 @@ def test_threshold_option_names_its_own_output(tmp_path, capsys):
     assert "mg HA/cm^3" in capsys.readouterr().err
 
 
-def test_error_measures_show_one_near_zero_reference_swamping_the_mean_relative_error():
+def test_error_measures_show_one_near_zero_reference_swamping_the_mean_relative_error(tmp_path):
     """benchmarks/error_measures.py: a model closer to HR than LR in three VOIs of four, with a
     wrong sign where HR's Conn.D is almost zero, loses on the issue's mean relative error (the
     division by 0.02) and wins on the median and on the normalised mean absolute error; its
@@ -520,6 +520,32 @@ def test_error_measures_show_one_near_zero_reference_swamping_the_mean_relative_
     assert miss["mare"] == miss["nmae"] == 0.25 and miss["n_missed"] == 1 and miss["worst"] == 0
     with pytest.raises(ValueError, match="no HR rows"):
         em.ratios(rows, "hrpqct", "test")
+    # several files pooled (the outer folds): each file's rows meet its own HR rows, so one
+    # donor name in two files is two clusters; here the second file's HR Conn.D differs, and
+    # the pooled ratio is the mean over all eight pairs, each against its own file's HR
+    second = [
+        dict(r, conn_d_per_mm3=2.0 * r["conn_d_per_mm3"]) if r["method"] == "HR" else r
+        for r in rows
+    ]
+    files = []
+    for i, rs in enumerate((rows, second)):
+        files.append(tmp_path / f"fold{i}.json")
+        files[-1].write_text(json.dumps({"rows": rs}))
+    pooled = em.pooled_rows([str(f) for f in files])
+    assert {r["specimen"] for r in pooled} == {"0:s", "1:s"} and len(pooled) == 2 * len(rows)
+    conn = em.ratios(pooled, "mdct", "test")["SR"]["params"]["conn_d_per_mm3"]
+    hr2 = [2.0 * c for c in [1.0, 1.2, 0.8, 0.02]]
+    rel_sr2 = [abs(s - h) / h for s, h in zip([0.9, 1.1, 0.7, -0.3], hr2, strict=True)]
+    rel_lr2 = [abs(s - h) / h for s, h in zip([0.5, 0.6, 0.4, 0.05], hr2, strict=True)]
+    expected = np.mean(rel_sr + rel_sr2) / np.mean(rel_lr + rel_lr2)
+    assert conn["mare_vs_lr"] == pytest.approx(expected)
+    # one file is read as it is; a file without rows is refused by name, and by main (exit 2)
+    assert em.pooled_rows([str(files[0])]) == rows
+    (tmp_path / "empty.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="empty.json holds no rows"):
+        em.pooled_rows([str(files[0]), str(tmp_path / "empty.json")])
+    assert em.main([str(files[0]), str(tmp_path / "empty.json")]) == 2
+    assert em.main([str(f) for f in files]) == 0
 
 
 def test_cross_validation_folds_keep_the_test_donors_and_rotate_validation():
