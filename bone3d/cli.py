@@ -311,10 +311,14 @@ def cmd_reader_study(args) -> int:
 
 def _infer_exported(bundle: Path, args) -> int:
     """A bundle made by `bone3d export` (one merged inference.json of MONAI parts): MONAI's
-    SaveImaged writes into a temporary folder beside the output, then the file is renamed."""
+    SaveImaged writes into a temporary folder beside the output, then the file is renamed. The
+    bundle's ``scripts`` package is imported for this call only (`exported_scripts`), so one
+    process can run several exported bundles."""
     import tempfile
 
     from monai.bundle import run as bundle_run
+
+    from bone3d.export import exported_scripts
 
     if args.checkpoint:
         raise InputError("--checkpoint", "an exported bundle uses its own models/model.pt")
@@ -322,7 +326,10 @@ def _infer_exported(bundle: Path, args) -> int:
     if out.resolve() == Path(args.input).resolve():
         raise InputError(out, "the output path is the input; inputs are never overwritten")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".bone3d-infer-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=".bone3d-infer-") as tmp,
+        exported_scripts(bundle),
+    ):
         bundle_run(
             config_file=str(bundle / "configs" / "inference.json"),
             meta_file=str(bundle / "configs" / "metadata.json"),

@@ -34,9 +34,11 @@ the loss alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -45,6 +47,29 @@ from bone3d.errors import InputError
 from bone3d.io import atomic_path
 
 _NET_IMPORT = re.compile(r"^from bone3d\.nets\.(\w+) import", re.MULTILINE)
+
+
+def _forget_scripts() -> None:
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def exported_scripts(root: Path):
+    """An exported bundle's ``scripts`` package importable, as ``monai.bundle run`` finds it from
+    the bundle root, and forgotten afterwards (``sys.path`` restored, ``scripts`` modules
+    dropped, MONAI's own ``sys.path`` entry included). Every export has a ``scripts`` package of
+    its own under the same name: without this, a second exported bundle run in one process
+    would resolve its network from the first one's cached modules. Python's import system has
+    no per-call namespace, so this is done by hand."""
+    before = list(sys.path)
+    _forget_scripts()
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path[:] = before
+        _forget_scripts()
 
 
 def _module_closure(module: str) -> list[str]:

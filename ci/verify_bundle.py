@@ -206,19 +206,6 @@ def check_network(root: Path, exported: bool, tmp: Path) -> list[str]:
     return done
 
 
-@contextlib.contextmanager
-def _scripts_of(root: Path):
-    """An exported bundle's ``scripts`` package importable (as ``monai.bundle`` run from its
-    root finds it), then forgotten: every export has a ``scripts`` package of its own."""
-    sys.path.insert(0, str(root))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(root))
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
-
-
 def verify(path: Path, schema: Path | None, since: str | None = None) -> list[str]:
     """Every check on one bundle folder or exported zip; the passed checks' names, or
     `BundleError` at the first failure."""
@@ -245,7 +232,9 @@ def verify(path: Path, schema: Path | None, since: str | None = None) -> list[st
         done = [check_layout(root, exported)]
         done.append(check_version(root, None if exported else since))
         done.append(check_metadata(root, schema))
-        with _scripts_of(root) if exported else contextlib.nullcontext():
+        from bone3d.export import exported_scripts
+
+        with exported_scripts(root) if exported else contextlib.nullcontext():
             done += check_network(root, exported, tmp)
     return done
 

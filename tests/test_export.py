@@ -52,6 +52,15 @@ def _io(model: str, variant: str) -> dict:
             "out_channels": scale if (scale and slab is not None) else 1, "scale": scale}  # fmt: skip
 
 
+def _bone3d_infer(*argv: str) -> int:
+    """``bone3d infer ARGV`` in this process: the same entry point as the console script, without
+    a fresh interpreter's imports of torch and MONAI (seconds per call, five calls a test). The
+    console script itself runs ``bone3d infer`` as a process in ``test_bundle_unet``."""
+    from bone3d.cli import main
+
+    return main(["infer", *argv])
+
+
 def _checkpoint(tmp: Path, model: str, variant: str) -> Path:
     torch.manual_seed(0)
     slab = {"3d": None, "2d": 0, "2p5d": 2}[variant]
@@ -151,13 +160,9 @@ def test_exported_bundle_runs_without_bone3d(
     exported = read_volume(work / "out" / "lr_sr.nii.gz")
 
     def infer(out: Path, *extra: str, weights: Path = ckpt):
-        res = subprocess.run(
-            [sys.executable, "-m", "bone3d.cli", "infer", str(ROOT / "bundles" / bundle),
-             str(lr_path), "-o", str(out), "--variant", variant, "--checkpoint", str(weights),
-             *extra],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        assert res.returncode == 0, res.stderr[-2000:]
+        argv = [str(ROOT / "bundles" / bundle), str(lr_path), "-o", str(out), "--variant", variant,
+                "--checkpoint", str(weights), *extra]  # fmt: skip
+        assert _bone3d_infer(*argv) == 0
         return read_volume(out)
 
     ref = infer(tmp_path / "sr.nii.gz", "--self-ensemble" if ensemble else "--no-self-ensemble")
@@ -184,21 +189,13 @@ def test_exported_bundle_runs_without_bone3d(
     np.testing.assert_array_equal(back.data.numpy(), ref.data.numpy())
     # bone3d infer also runs the exported copy (how benchmarks/results/best_bundle is re-checked)
     again = tmp_path / "again.nii.gz"
-    res = subprocess.run(
-        [sys.executable, "-m", "bone3d.cli", "infer", str(b), str(lr_path), "-o", str(again)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert _bone3d_infer(str(b), str(lr_path), "-o", str(again)) == 0
     np.testing.assert_array_equal(read_volume(again).data.numpy(), exported.data.numpy())
     assert not list(tmp_path.glob(".bone3d-infer-*"))  # its temporary folder is gone
     # ... and switches the exported default (--self-ensemble / --no-self-ensemble)
     switched = tmp_path / "switched.nii.gz"
     flag = "--no-self-ensemble" if ensemble else "--self-ensemble"
-    res = subprocess.run(
-        [sys.executable, "-m", "bone3d.cli", "infer", str(b), str(lr_path), "-o", str(switched), flag],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert _bone3d_infer(str(b), str(lr_path), "-o", str(switched), flag) == 0
     a, e = other.data.numpy().ravel(), read_volume(switched).data.numpy().ravel()
     assert np.corrcoef(a, e)[0, 1] > 0.999
     assert np.abs(a - e).mean() < 0.01 * (a.max() - a.min())
@@ -215,6 +212,27 @@ def test_exported_bundle_runs_without_bone3d(
         read_volume(work / "switched" / "lr_sr.nii.gz").data.numpy(),
         read_volume(switched).data.numpy(),
     )
+
+
+@pytest.mark.slow
+def test_two_exported_bundles_infer_in_one_process(tmp_path):
+    """Every export has a ``scripts`` package of its own: ``bone3d infer`` of one exported
+    bundle, then of another, in one process, builds each from its own code (before
+    `exported_scripts`, the second resolved ``scripts.rcan`` in the first one's cached
+    package and failed), and leaves neither ``scripts`` nor a bundle root on ``sys.path``."""
+    rng = np.random.default_rng(0)
+    lr = make_image(rng.normal(600, 300, (12, 12, 12)).astype(np.float32), spacing=(0.1,) * 3)
+    lr_path = write_volume(lr, tmp_path / "lr.nii.gz")
+    path_before = list(sys.path)
+    for bundle, model in (("srcnn", "srcnn"), ("rcan", "rcan")):
+        ckpt = _checkpoint(tmp_path / bundle, model, "3d")
+        zipped = export_bundle(ROOT / "bundles" / bundle, tmp_path / f"{bundle}.zip", "3d", ckpt)
+        zipfile.ZipFile(zipped).extractall(tmp_path / "x")
+        out = tmp_path / f"{bundle}_sr.nii.gz"
+        assert _bone3d_infer(str(tmp_path / "x" / bundle), str(lr_path), "-o", str(out)) == 0
+        assert read_volume(out).data.isfinite().all()
+        assert not [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]
+        assert sys.path == path_before
 
 
 def test_export_refuses_an_untrained_bundle(tmp_path):
