@@ -3,12 +3,32 @@ this repository); where that folder is absent they are reported as not run, with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _share_cores_among_workers() -> None:
+    """``pytest -n auto`` starts one pytest-xdist worker per core, and torch gives each worker
+    (and each process it starts: bundle runs, torchrun ranks) one OpenMP thread per core, so
+    on CI's two cores four threads spin on two. Each worker gets its share of the cores
+    instead, passed to its child processes through ``OMP_NUM_THREADS``; a value the user set
+    is kept. Timings only: no test reads the thread count."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return
+    share = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    import torch
+
+    torch.set_num_threads(share)
+
+
+_share_cores_among_workers()
 
 
 def pytest_collection_modifyitems(config, items):
