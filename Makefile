@@ -46,7 +46,7 @@ postgres:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
 test: lint browser postgres
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --durations=20
 
 clean:
 	rm -rf demo mlruns.db bundles/*/models bundles/*/runs .pytest_cache
